@@ -1,0 +1,34 @@
+"""Which solver modes run on which device, and how ``auto`` chooses."""
+
+from __future__ import annotations
+
+from pararnn_core.layer_spec import check_mode
+from pararnn_torch.solver import ScanPair, solve_newton, solve_sequential
+
+#: ``auto`` takes the first mode of this list that runs on the input's device
+AUTO_ORDER = ("fused", "kernel", "parallel")
+
+
+def unavailable_modes(device) -> dict[str, str]:
+    """Modes that cannot run on ``device``, with the reason and what to do."""
+    return {
+        "kernel": "the native scan kernels are not part of this build yet; use mode='parallel'",
+        "fused": "the fused kernels are not part of this build yet; use mode='parallel'",
+    }
+
+
+def resolve_mode(mode: str, device) -> str:
+    missing = unavailable_modes(device)
+    check_mode(mode, missing)
+    if mode == "auto":
+        return next(m for m in AUTO_ORDER if m not in missing)
+    return mode
+
+
+def run_mode(mode: str, cell, u, recurrent, h0, resets, config):
+    """Solve with a resolved mode; returns (trajectory [B, T, K, N], SolveInfo)."""
+    if mode == "sequential":
+        return solve_sequential(cell, u, recurrent, h0, resets, config)
+    if mode == "parallel":
+        return solve_newton(cell, u, recurrent, h0, resets, config, ScanPair(), mode)
+    raise ValueError(f"mode {mode!r} cannot run here: {unavailable_modes(u.device).get(mode, 'unknown mode')}")

@@ -37,7 +37,7 @@ class NewtonConfig:
         precision on trained and randomly initialised cells (paper, App. A).
         12 leaves room for saturated inputs.
     tol: stop when ``max |h - f(h_prev)|`` (the residual) is at most this.
-        None picks by compute dtype: 1e-5 for float32 (and for bf16/fp16,
+        None picks by compute dtype: 1e-6 for float32 (and for bf16/fp16,
         computed in float32), 1e-10 for float64, a few hundred ulps of O(1)
         states after rounding through a length-T scan.
     damping: scale of each Newton update (1.0 = pure Newton). Values below 1
@@ -68,7 +68,7 @@ class NewtonConfig:
     def tolerance(self, itemsize: int) -> float:
         if self.tol is not None:
             return self.tol
-        return 1e-10 if itemsize >= 8 else 1e-5
+        return 1e-10 if itemsize >= 8 else 1e-6
 
 
 @dataclass

@@ -1,0 +1,77 @@
+// Metal built-ins for compiling unmodified mx.fast.metal_kernel bodies with g++ (see README.md).
+// Supported: the thread-position attributes that MLX passes to the kernel
+// (as parameters of the generated signature, see harness.metal_signature),
+// threadgroup_barrier, simdgroup_barrier, simd_shuffle/_up/_down/_xor, simd_sum,
+// threadgroup/device/constant/thread qualifiers, uint/uint3/ushort, metal:: math.
+// Simdgroups are 32 wide, as on Apple GPUs. Not supported: half/bfloat, atomics,
+// vector types other than uint3.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "emu_runtime.h"
+
+using uint = unsigned int;
+using ushort = unsigned short;
+
+struct uint3 {
+  uint x = 0, y = 0, z = 0;
+};
+
+namespace metal {
+using std::abs;
+using std::exp;
+using std::fabs;
+using std::fma;
+using std::log;
+using std::max;
+using std::min;
+using std::sqrt;
+using std::tanh;
+namespace precise {
+using std::exp;
+using std::tanh;
+}  // namespace precise
+namespace fast {
+using std::exp;
+using std::tanh;
+}  // namespace fast
+
+enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
+
+inline void threadgroup_barrier(mem_flags) { emu::sync_block(); }
+inline void simdgroup_barrier(mem_flags) { emu::sync_warp(); }
+
+template <class T>
+T simd_shuffle(T value, ushort src_lane) {
+  return emu::exchange(value, [&](int) { return int(src_lane); });
+}
+template <class T>
+T simd_shuffle_up(T value, ushort delta) {
+  return emu::exchange(value, [&](int lane) { return lane >= int(delta) ? lane - int(delta) : lane; });
+}
+template <class T>
+T simd_shuffle_down(T value, ushort delta) {
+  return emu::exchange(value, [&](int lane) { return lane + int(delta); });
+}
+template <class T>
+T simd_shuffle_xor(T value, ushort mask) {
+  return emu::exchange(value, [&](int lane) { return lane ^ int(mask); });
+}
+template <class T>
+T simd_sum(T value) {
+  return emu::warp_sum(value);
+}
+}  // namespace metal
+
+using namespace metal;
+
+// address-space qualifiers carry no meaning on the host; threadgroup memory is
+// shared by the threads of the running threadgroup (like __shared__ above)
+#define device
+#define constant
+#define thread
+#define threadgroup static
+#define METAL_FUNC inline

@@ -1,0 +1,250 @@
+"""Checkpoint folders in the mlx-lm layout, written atomically and checked before loading.
+
+A folder holds ``config.json``, ``model.safetensors`` (or ``model-0000k-of-0000n.safetensors``
+shards plus ``model.safetensors.index.json`` above a size) and the tokenizer files.
+This module is backend-free: tensors are written by a backend's ``save_shard``
+callback and checked by reading the safetensors headers (no tensor data is loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+#: shard size of mlx-lm's own writer
+DEFAULT_MAX_SHARD_BYTES = 5 << 30
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+#: modules that mlx ``nn.quantize`` turns into quantized ones (linear and embedding layers)
+QUANTIZABLE_SUFFIXES = ("embed", "in_proj", "out_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, corrupt or does not match its config."""
+
+
+@dataclass
+class WriteSummary:
+    path: Path
+    tensors: int = 0
+    bytes: int = 0
+    dtypes: set = field(default_factory=set)
+    files: list = field(default_factory=list)
+
+    def describe(self) -> str:
+        dtypes = ", ".join(sorted(self.dtypes)) or "-"
+        return (
+            f"wrote {self.path}: {self.tensors} tensors, {self.bytes / 1e6:.2f} MB of weights ({dtypes}); "
+            f"files: {', '.join(sorted(self.files))}"
+        )
+
+
+def _shards(names, sizes, max_shard_bytes):
+    shards, current, used = [], [], 0
+    for name in names:
+        if current and used + sizes[name] > max_shard_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += sizes[name]
+    if current:
+        shards.append(current)
+    return shards
+
+
+def check_writable(out, force: bool):
+    """Refuse to replace an existing folder unless ``force``; called before any work is done."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force (force=True) to overwrite it")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+
+
+def write_checkpoint(
+    out,
+    config: dict,
+    tensors: Mapping,
+    save_shard: Callable[[dict, str, dict], None],
+    nbytes: Callable[[object], int],
+    dtype_name: Callable[[object], str],
+    files: Mapping[str, bytes | Callable[[Path], None]] = (),
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    force: bool = False,
+) -> WriteSummary:
+    """Write a checkpoint folder atomically: everything goes to a temporary sibling folder
+    that is renamed into place at the end, so a failure leaves no half-written folder.
+
+    ``save_shard(tensors, path, metadata)`` writes one safetensors file (the backend's
+    writer); ``files`` maps extra file names to their bytes or to a function writing the file.
+    """
+    out = Path(out)
+    check_writable(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    summary = WriteSummary(out)
+    try:
+        tmp.mkdir()
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        names = list(tensors)
+        sizes = {k: int(nbytes(tensors[k])) for k in names}
+        shards = _shards(names, sizes, max_shard_bytes)
+        metadata = {"format": "mlx" if config.get("quantization") else "pt"}
+        if len(shards) == 1:
+            save_shard({k: tensors[k] for k in shards[0]}, str(tmp / WEIGHTS_FILE), metadata)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_shard({k: tensors[k] for k in shard}, str(tmp / fname), metadata)
+                weight_map.update({k: fname for k in shard})
+            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for name, content in dict(files).items():
+            if callable(content):
+                content(tmp / name)
+            else:
+                (tmp / name).write_bytes(content)
+        summary.tensors, summary.bytes = len(names), sum(sizes.values())
+        summary.dtypes = {dtype_name(tensors[k]) for k in names}
+        summary.files = [p.name for p in tmp.iterdir()]
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return summary
+
+
+def _replace(tmp: Path, out: Path):
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------
+# reading
+
+
+def read_safetensors_header(path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of a safetensors file, from its JSON header only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path} is truncated (no safetensors header)")
+            (length,) = struct.unpack("<Q", raw)
+            size = path.stat().st_size
+            if length > size - 8:
+                raise CheckpointError(f"{path} is corrupt: header length {length} exceeds the file size {size}")
+            header = json.loads(f.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt: its safetensors header is not valid JSON ({e})") from None
+    out, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        out[name] = (info["dtype"], tuple(info["shape"]))
+        end = max(end, info["data_offsets"][1])
+    if 8 + length + end > size:
+        raise CheckpointError(f"{path} is truncated: its tensors need {8 + length + end} bytes, the file has {size}")
+    return out
+
+
+def weight_files(folder) -> list[Path]:
+    """The safetensors files of a checkpoint folder (one file, or the shards its index names)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is corrupt ({e!r}); expected a JSON object with 'weight_map'") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shards named in {INDEX_FILE} are missing: {missing}")
+        return [folder / f for f in files]
+    single = folder / WEIGHTS_FILE
+    if not single.is_file():
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_FILE} (nor {INDEX_FILE} with shards)")
+    return [single]
+
+
+def read_tensor_table(folder) -> dict[str, tuple[str, tuple[int, ...]]]:
+    table = {}
+    for path in weight_files(folder):
+        table.update(read_safetensors_header(path))
+    return table
+
+
+def expected_table(shapes: Mapping[str, tuple], quantization: dict | None, found: Mapping) -> dict[str, tuple]:
+    """name -> (dtype or None for "any float", shape); quantized layers as mlx stores them."""
+    expected = {}
+    for name, shape in shapes.items():
+        module = name.rsplit(".", 1)[0]
+        quantized = (
+            quantization is not None
+            and name.endswith(".weight")
+            and module.rsplit(".", 1)[-1] in QUANTIZABLE_SUFFIXES
+            and f"{module}.scales" in found
+        )
+        if not quantized:
+            expected[name] = (None, tuple(shape))
+            continue
+        bits, group = quantization["bits"], quantization["group_size"]
+        rows, cols = shape
+        expected[name] = ("U32", (rows, cols * bits // 32))
+        expected[f"{module}.scales"] = (None, (rows, cols // group))
+        if quantization.get("mode", "affine") == "affine":
+            expected[f"{module}.biases"] = (None, (rows, cols // group))
+    return expected
+
+
+def check_tensor_table(found: Mapping, shapes: Mapping, quantization: dict | None = None, where: str = "checkpoint"):
+    """Compare a checkpoint's tensors with the model's schema; raise one error listing every mismatch."""
+    expected = expected_table(shapes, quantization, found)
+    problems = []
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    float_dtypes = set()
+    for name in sorted(set(expected) & set(found)):
+        want_dtype, want_shape = expected[name]
+        dtype, shape = found[name]
+        if tuple(shape) != want_shape:
+            problems.append(f"{name}: shape {list(shape)}, expected {list(want_shape)}")
+        if want_dtype is None:
+            if dtype not in FLOAT_DTYPES:
+                problems.append(f"{name}: dtype {dtype}, expected a float dtype ({'/'.join(FLOAT_DTYPES)})")
+            float_dtypes.add(dtype)
+        elif dtype != want_dtype:
+            problems.append(f"{name}: dtype {dtype}, expected {want_dtype}")
+    if len(float_dtypes) > 1:
+        problems.append(f"mixed float dtypes {sorted(float_dtypes)}; a checkpoint stores one float dtype")
+    if problems:
+        raise CheckpointError(
+            f"{where} does not match its config.json ({len(problems)} problem(s)):\n  - " + "\n  - ".join(problems)
+        )
+
+
+def check_folder(folder, shapes: Mapping, quantization: dict | None = None):
+    """Check a checkpoint folder's tensors against ``shapes`` (from LMConfig.parameter_shapes)."""
+    check_tensor_table(read_tensor_table(folder), shapes, quantization, where=str(folder))

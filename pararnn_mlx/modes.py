@@ -1,0 +1,42 @@
+"""Which solver modes run on which MLX device, and how ``auto`` chooses.
+
+Native modes register here: add the mode's reason-to-be-unavailable logic to
+:func:`unavailable_modes` and its solve to :func:`run_mode`.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from pararnn_core.layer_spec import check_mode
+from pararnn_mlx.solver import ScanPair, solve_newton, solve_sequential
+
+#: ``auto`` takes the first mode of this list that runs on the device
+AUTO_ORDER = ("fused", "kernel", "parallel")
+
+
+def unavailable_modes(device=None) -> dict[str, str]:
+    """Modes that cannot run on ``device`` (default: MLX's default device), with the reason and what to do."""
+    return {
+        "kernel": "the Metal scan kernels are not part of this build yet; use mode='parallel'",
+        "fused": "the fused Metal kernels are not part of this build yet; use mode='parallel'",
+    }
+
+
+def resolve_mode(mode: str, device=None) -> str:
+    device = device or mx.default_device()
+    missing = unavailable_modes(device)
+    check_mode(mode, missing)
+    if mode == "auto":
+        return next(m for m in AUTO_ORDER if m not in missing)
+    return mode
+
+
+def run_mode(mode: str, cell, u, recurrent, h0, resets, config):
+    """Solve with a resolved mode; returns (trajectory [B, T, K, N], SolveInfo)."""
+    if mode == "sequential":
+        return solve_sequential(cell, u, recurrent, h0, resets, config)
+    if mode == "parallel":
+        return solve_newton(cell, u, recurrent, h0, resets, config, ScanPair(), mode)
+    reason = unavailable_modes(mx.default_device()).get(mode, "unknown mode")
+    raise ValueError(f"mode {mode!r} cannot run here: {reason}")

@@ -1,0 +1,90 @@
+"""Trajectory solves for MLX and their gradient wiring.
+
+Every mode maps the gates ``u`` [B, T, G, N], the recurrent parameters [P, N],
+an optional initial state [B, K, N] and optional resets [B, T] to the
+trajectory [B, T, K, N]. ``parallel`` (and the native ``kernel`` mode) run the
+core Newton solve forward and the core adjoint backward, joined by an
+``mx.custom_function`` so ``mx.grad`` never differentiates through Newton
+iterations. ``sequential`` is the step loop, differentiated by MLX itself.
+
+The framework scans are wrapped in ``mx.compile`` (one fused graph per shape
+instead of thousands of small ops); ``mx.disable_compile()`` or the environment
+variable ``MLX_DISABLE_COMPILE=1`` runs them uncompiled for debugging.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from pararnn_core.newton import SolveInfo, adjoint, newton_solve, sequential_solve
+from pararnn_core.scan import block_scan
+from pararnn_mlx.ops import ops
+
+
+@dataclass
+class ScanPair:
+    """Linear solvers for one Newton step (forward) and for the adjoint (reverse)."""
+
+    forward: Callable | None = None  # (A, b) -> h   (None: compiled framework scan)
+    reverse: Callable | None = None  # (A, b) -> lam (None: compiled framework scan)
+
+
+@functools.cache
+def framework_scan(reverse: bool, chunk: int | None) -> Callable:
+    """The chunked core scan, compiled once per (direction, chunk); MLX re-traces per shape."""
+    return mx.compile(lambda A, b: block_scan(ops, A, b, reverse=reverse, chunk=chunk))
+
+
+def _unpack(u, recurrent, h0):
+    gates = [u[:, :, g] for g in range(u.shape[2])]
+    params = [recurrent[p] for p in range(recurrent.shape[0])]
+    h0_list = [h0[:, k] for k in range(h0.shape[1])] if h0 is not None else None
+    return gates, params, h0_list
+
+
+def _components(traj):
+    return [traj[:, :, k] for k in range(traj.shape[2])]
+
+
+def solve_newton(cell, u, recurrent, h0, resets, config, scans: ScanPair, mode: str):
+    """Newton forward, adjoint backward; gradients flow to u, recurrent and h0 (when given)."""
+    forward_scan = scans.forward or framework_scan(False, config.chunk)
+    reverse_scan = scans.reverse or framework_scan(True, config.chunk)
+    infos: list[SolveInfo] = []
+
+    # resets, cell and config are not differentiated, so the closure may hold them;
+    # everything that needs a gradient is an argument of the custom function
+    @mx.custom_function
+    def solve(u, recurrent, *initial):
+        gates, params, h0_list = _unpack(u, recurrent, initial[0] if initial else None)
+        traj, info = newton_solve(cell, ops, gates, params, h0_list, resets, config, scan=forward_scan)
+        infos.append(info)
+        return mx.stack(traj, 2)
+
+    @solve.vjp
+    def solve_vjp(primals, grad_out, out):
+        u, recurrent, *initial = primals
+        gates, params, h0_list = _unpack(u, recurrent, initial[0] if initial else None)
+        d_gates, d_params, d_h0 = adjoint(
+            cell, ops, gates, params, h0_list, resets, _components(out), _components(grad_out),
+            scan=reverse_scan, chunk=config.chunk,
+        )
+        grads = (mx.stack(d_gates, 2), mx.stack(d_params, 0))
+        if initial:
+            grads += (mx.stack(d_h0, 1),)
+        return grads
+
+    out = solve(u, recurrent, *(() if h0 is None else (h0,)))
+    info = infos[-1]
+    info.mode = mode
+    return out, info
+
+
+def solve_sequential(cell, u, recurrent, h0, resets, config):
+    gates, params, h0_list = _unpack(u, recurrent, h0)
+    traj = sequential_solve(cell, ops, gates, params, h0_list, resets)
+    return mx.stack(traj, 2), SolveInfo(mode="sequential")

@@ -13,7 +13,9 @@ document had been run on its own.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -250,3 +252,67 @@ class ParaRNNLM(nn.Module):
             token = logits[0].argmax()
             out.append(int(token))
         return out
+
+
+# ----------------------------------------------------------------------------
+# checkpoint folders (layout and checks in pararnn_core.checkpoint)
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _save_shard(tensors, path, metadata):
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+
+
+def save_lm(model: ParaRNNLM, out, tokenizer, files=None, force: bool = False, dtype=None, max_shard_bytes=None):
+    """Write ``model`` and ``tokenizer`` as a checkpoint folder (atomically); returns a WriteSummary."""
+    from pararnn_core import checkpoint
+
+    tensors = {
+        k: (v.detach().to(dtype) if dtype else v.detach()).cpu().contiguous() for k, v in model.state_dict().items()
+    }
+    config = model.config.to_dict()
+    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    extra = {"max_shard_bytes": max_shard_bytes} if max_shard_bytes else {}
+    return checkpoint.write_checkpoint(
+        out,
+        config,
+        tensors,
+        _save_shard,
+        nbytes=lambda t: t.numel() * t.element_size(),
+        dtype_name=lambda t: _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)),
+        files={**tokenizer.files(), **(files or {})},
+        force=force,
+        **extra,
+    )
+
+
+def load_lm(folder, mode: str = "auto", device=None, dtype=None):
+    """Load a checkpoint folder: returns (ParaRNNLM, TextTokenizer). Every mismatch is reported at once."""
+    from safetensors.torch import load_file
+
+    from pararnn_core import checkpoint
+    from pararnn_core.tokenizer import TextTokenizer
+
+    config = LMConfig.load(folder)
+    raw = json.loads((Path(folder) / checkpoint.CONFIG_FILE).read_text())
+    if raw.get("quantization"):
+        raise checkpoint.CheckpointError(
+            f"{folder} holds MLX-quantized weights; PyTorch loads float checkpoints (convert from the torch folder)"
+        )
+    checkpoint.check_folder(folder, config.parameter_shapes())
+    tokenizer = TextTokenizer.from_folder(folder)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise checkpoint.CheckpointError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{config.vocab_size}; the tokenizer does not belong to this model"
+        )
+    state = {}
+    for path in checkpoint.weight_files(folder):
+        state.update(load_file(str(path)))
+    dtype = dtype or next(iter(state.values())).dtype
+    model = ParaRNNLM(config, mode=mode, device=device, dtype=dtype)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()})
+    return model, tokenizer

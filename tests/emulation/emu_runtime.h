@@ -11,6 +11,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -30,44 +31,60 @@ struct Deadlock : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// A barrier whose party count can shrink when a thread returns from the kernel
-// (on a GPU an exited thread no longer holds up __syncthreads).
+// A barrier for a group of threads (a block or a warp). Every thread of the
+// group must reach it: a thread that returns from the kernel while others wait
+// (barrier in divergent code, undefined behaviour on a GPU) breaks the barrier
+// and the launch reports it, as does a wait that never completes.
 class Barrier {
  public:
   void reset(int parties) {
     std::lock_guard<std::mutex> lock(mutex_);
     parties_ = parties;
-    arrived_ = 0;
+    arrived_ = exited_ = 0;
+    broken_ = false;
   }
   void wait(const char* what) {
     std::unique_lock<std::mutex> lock(mutex_);
+    if (exited_ > 0) broken_ = true;
+    if (broken_) throw Deadlock(divergence(what));
     long generation = generation_;
     if (++arrived_ >= parties_) {
-      release();
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
       return;
     }
-    if (!cv_.wait_for(lock, std::chrono::seconds(kTimeoutSeconds), [&] { return generation_ != generation; })) {
-      throw Deadlock(std::string("emulated kernel deadlocked at ") + what +
-                     ": not every thread of the group reached it (barrier inside divergent code?)");
+    if (!cv_.wait_for(lock, std::chrono::seconds(timeout_seconds()),
+                      [&] { return generation_ != generation || broken_; })) {
+      throw Deadlock(std::string("emulated kernel deadlocked at ") + what + ": not every thread reached it");
     }
+    if (broken_) throw Deadlock(divergence(what));
   }
-  void drop() {
+  // the calling thread returned from the kernel
+  void exit() {
     std::lock_guard<std::mutex> lock(mutex_);
-    --parties_;
-    if (arrived_ > 0 && arrived_ >= parties_) release();
+    ++exited_;
+    if (arrived_ > 0) {
+      broken_ = true;
+      cv_.notify_all();
+    }
   }
 
  private:
-  static constexpr int kTimeoutSeconds = 60;
-  void release() {
-    arrived_ = 0;
-    ++generation_;
-    cv_.notify_all();
+  static std::string divergence(const char* what) {
+    return std::string("emulated kernel deadlocked at ") + what +
+           ": some threads of the group returned without reaching it (barrier inside divergent code?)";
+  }
+  // a thread that waits this long is stuck (PARARNN_EMU_TIMEOUT overrides, in seconds)
+  static int timeout_seconds() {
+    const char* env = std::getenv("PARARNN_EMU_TIMEOUT");
+    return env ? std::atoi(env) : 60;
   }
   std::mutex mutex_;
   std::condition_variable cv_;
-  int parties_ = 0, arrived_ = 0;
+  int parties_ = 0, arrived_ = 0, exited_ = 0;
   long generation_ = 0;
+  bool broken_ = false;
 };
 
 constexpr int kWarpSize = 32;
@@ -169,9 +186,8 @@ inline std::string launch(Dim3 grid, Dim3 block, const std::function<void()>& bo
           for (unsigned bx = 0; bx < grid.x; ++bx) {
             me.block_idx = Dim3{bx, by, bz};
             body();
-            // an exited thread stops counting in the barriers of its block
-            state.block_barrier.drop();
-            my_warp().barrier.drop();
+            state.block_barrier.exit();
+            my_warp().barrier.exit();
             between_blocks.wait("end of block");
             if (tid == 0) reset_groups();
             between_blocks.wait("end of block");

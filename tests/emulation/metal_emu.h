@@ -15,6 +15,7 @@
 
 using uint = unsigned int;
 using ushort = unsigned short;
+using ulong = unsigned long;
 
 struct uint3 {
   uint x = 0, y = 0, z = 0;

@@ -13,6 +13,7 @@ import torch
 
 from pararnn_core.cell import Cell
 from pararnn_core.codegen import CodegenError, NativeBuildError, definition_hash, load_cpu_library
+from pararnn_core.codegen.native import compiler
 from pararnn_core.newton import SolveInfo
 
 # libraries by definition hash: the ops take the hash, since a custom op cannot take a Python object
@@ -26,13 +27,16 @@ def _library_for(cell: Cell):
     return key, _libraries[key]
 
 
-def fused_unavailable_reason(cell: Cell, device) -> str | None:
-    """None when ``mode='fused'`` runs ``cell`` on ``device``; otherwise why not and what to do."""
+def fused_unavailable_reason(cell: Cell | None, device) -> str | None:
+    """None when ``mode='fused'`` runs ``cell`` (any cell when None) on ``device``; else why not and what to do."""
     device = torch.device(device if device is not None else "cpu")
     if device.type != "cpu":
         return f"the fused kernels of this build run on the CPU only (input on {device}); use mode='parallel'"
     try:
-        _library_for(cell)
+        if cell is None:
+            compiler()
+        else:
+            _library_for(cell)
     except (CodegenError, NativeBuildError) as exc:
         return f"{exc} (use mode='parallel' or 'sequential')"
     return None

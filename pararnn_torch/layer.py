@@ -118,7 +118,7 @@ class ParaRNN(nn.Module):
 
     def resolved_mode(self, device=None) -> str:
         """The mode ``auto`` picks (or the set mode) on ``device``."""
-        return resolve_mode(self.mode, device or self.weight.device)
+        return resolve_mode(self.mode, device or self.weight.device, self.cell)
 
     # -- forward ------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state=None, resets: torch.Tensor | None = None, return_state: bool = False):

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 from pararnn_core.layer_spec import check_mode
+from pararnn_torch.fused import fused_unavailable_reason, solve_fused
 from pararnn_torch.solver import ScanPair, solve_newton, solve_sequential
 
 #: ``auto`` takes the first mode of this list that runs on the input's device
 AUTO_ORDER = ("fused", "kernel", "parallel")
 
 
-def unavailable_modes(device) -> dict[str, str]:
-    """Modes that cannot run on ``device``, with the reason and what to do."""
-    return {
+def unavailable_modes(device, cell=None) -> dict[str, str]:
+    """Modes that cannot run on ``device`` (for ``cell``, when given), with the reason and what to do."""
+    missing = {
         "kernel": "the native scan kernels are not part of this build yet; use mode='parallel'",
-        "fused": "the fused kernels are not part of this build yet; use mode='parallel'",
     }
+    fused = fused_unavailable_reason(cell, device)
+    if fused is not None:
+        missing["fused"] = fused
+    return missing
 
 
-def resolve_mode(mode: str, device) -> str:
-    missing = unavailable_modes(device)
+def resolve_mode(mode: str, device, cell=None) -> str:
+    missing = unavailable_modes(device, cell)
     check_mode(mode, missing)
     if mode == "auto":
         return next(m for m in AUTO_ORDER if m not in missing)
@@ -31,4 +35,6 @@ def run_mode(mode: str, cell, u, recurrent, h0, resets, config):
         return solve_sequential(cell, u, recurrent, h0, resets, config)
     if mode == "parallel":
         return solve_newton(cell, u, recurrent, h0, resets, config, ScanPair(), mode)
-    raise ValueError(f"mode {mode!r} cannot run here: {unavailable_modes(u.device).get(mode, 'unknown mode')}")
+    if mode == "fused":
+        return solve_fused(cell, u, recurrent, h0, resets)
+    raise ValueError(f"mode {mode!r} cannot run here: {unavailable_modes(u.device, cell).get(mode, 'unknown mode')}")

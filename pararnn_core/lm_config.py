@@ -131,16 +131,16 @@ class LMConfig:
         d, n, m = self.d_model, self.cell_size, self.mlp_size
         shapes = {"embed.weight": (self.vocab_size, d)}
         for i in range(self.n_layers):
-            p = f"layers.{i}."
+            p, r = f"layers.{i}.", f"layers.{i}.recurrent."
             shapes.update(
                 {
-                    p + "rnn_norm.weight": (d,),
-                    p + "in_proj.weight": (2 * n, d),
-                    p + "conv.weight": (n, self.conv_width),
-                    p + "conv.bias": (n,),
-                    **{p + "cell." + k: v for k, v in spec.param_shapes().items()},
-                    p + "out_norm.weight": (n,),
-                    p + "out_proj.weight": (d, n),
+                    r + "rnn_norm.weight": (d,),
+                    r + "in_proj.weight": (2 * n, d),
+                    r + "conv.weight": (n, self.conv_width),
+                    r + "conv.bias": (n,),
+                    **{r + "cell." + k: v for k, v in spec.param_shapes().items()},
+                    r + "out_norm.weight": (n,),
+                    r + "out_proj.weight": (d, n),
                     p + "mlp_norm.weight": (d,),
                     p + "mlp.gate_proj.weight": (m, d),
                     p + "mlp.up_proj.weight": (m, d),

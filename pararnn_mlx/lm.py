@@ -1,0 +1,181 @@
+"""The ParaRNN language model in MLX, following mlx-lm's model conventions.
+
+``ModelArgs.from_dict(config_json)``, ``Model(args)``, ``Model.__call__(inputs, cache=None)``
+returning logits, ``make_cache()`` with one mlx-lm ``ArraysCache`` per layer holding
+``[conv_tail [B, k-1, N], cell_state [B, K, N]]``, ``layers`` and ``sanitize``.
+Parameter names match pararnn_torch (``LMConfig.parameter_shapes``).
+
+With a cache, a prompt of several tokens runs the parallel solve from the cached
+state, ``prefill_chunk`` tokens at a time; a single token runs the cell's ``step``.
+Memory does not depend on how many tokens came before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from pararnn_core.lm_config import MODEL_TYPE, LMConfig
+from pararnn_mlx.layer import ParaRNN
+
+#: tokens per parallel solve during prefill (bounds prefill memory independently of the prompt length)
+PREFILL_CHUNK = 1024
+
+
+@dataclass
+class ModelArgs:
+    """mlx-lm's model arguments: the shared LMConfig (validated) read from config.json."""
+
+    config: LMConfig
+    model_type: str = MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, params: dict) -> ModelArgs:
+        return cls(LMConfig.from_dict(params))
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal conv: out_t = bias + sum_j weight[:, j] * x_{t-(k-1)+j} (as pararnn_torch)."""
+
+    def __init__(self, channels: int, width: int):
+        super().__init__()
+        bound = 1 / width**0.5
+        self.weight = mx.random.uniform(-bound, bound, (channels, width))
+        self.bias = mx.zeros((channels,))
+
+    def __call__(self, x, tail):
+        """x [B, T, N], tail [B, k-1, N] -> (out [B, T, N], new tail)."""
+        k, length = self.weight.shape[1], x.shape[1]
+        extended = mx.concatenate([tail.astype(x.dtype), x], axis=1)
+        w = self.weight.astype(x.dtype)
+        out = self.bias.astype(x.dtype)
+        for j in range(k):
+            out = out + extended[:, j : j + length] * w[:, j]
+        return out, extended[:, extended.shape[1] - (k - 1) :]
+
+
+class RecurrentBlock(nn.Module):
+    def __init__(self, config: LMConfig, mode: str):
+        super().__init__()
+        d, n = config.d_model, config.cell_size
+        self.rnn_norm = nn.RMSNorm(d, eps=config.norm_eps)
+        self.in_proj = nn.Linear(d, 2 * n, bias=False)
+        self.conv = CausalConv(n, config.conv_width)
+        self.cell = ParaRNN(config.resolve_cell(), n, n, config.num_heads, mode=mode, newton=config.newton_config())
+        self.out_norm = nn.RMSNorm(n, eps=config.norm_eps)
+        self.out_proj = nn.Linear(n, d, bias=False)
+
+    def __call__(self, x, tail, cell_state):
+        """x [B, T, D] from the state (tail, cell_state [B, K, N]) -> (out, tail, cell_state)."""
+        v, gate = mx.split(self.in_proj(self.rnn_norm(x)), 2, axis=-1)
+        v, tail = self.conv(v, tail)
+        v = nn.silu(v)
+        state = tuple(cell_state[:, k] for k in range(cell_state.shape[1]))
+        state = state[0] if len(state) == 1 else state
+        if x.shape[1] == 1:
+            y, state = self.cell.step(v[:, 0], state)
+            y = y[:, None]
+        else:
+            y, state = self.cell(v, state=state, return_state=True)
+        cell_state = mx.stack(list(state) if isinstance(state, tuple) else [state], 1)
+        y = self.out_norm(y) * nn.silu(gate)
+        return x + self.out_proj(y), tail, cell_state
+
+
+class MLP(nn.Module):
+    def __init__(self, d, m):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, m, bias=False)
+        self.up_proj = nn.Linear(d, m, bias=False)
+        self.down_proj = nn.Linear(m, d, bias=False)
+
+    def __call__(self, x):
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LMConfig, mode: str):
+        super().__init__()
+        self.recurrent = RecurrentBlock(config, mode)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = MLP(config.d_model, config.mlp_size)
+
+    def __call__(self, x, tail, cell_state):
+        x, tail, cell_state = self.recurrent(x, tail, cell_state)
+        return x + self.mlp(self.mlp_norm(x)), tail, cell_state
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs, mode: str = "auto"):
+        super().__init__()
+        if isinstance(args, LMConfig):
+            args = ModelArgs(args)
+        self.args = args
+        self.model_type = MODEL_TYPE
+        config = args.config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = [Block(config, mode) for _ in range(config.n_layers)]
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+
+    @property
+    def config(self) -> LMConfig:
+        return self.args.config
+
+    def make_cache(self):
+        """One mlx-lm ArraysCache per layer: [conv tail, cell state], filled on first use."""
+        from mlx_lm.models.cache import ArraysCache
+
+        return [ArraysCache(2) for _ in self.layers]
+
+    def _zero_state(self, batch, dtype):
+        c = self.config
+        k = self.layers[0].recurrent.cell.cell.state_size
+        return mx.zeros((batch, c.conv_width - 1, c.cell_size), dtype), mx.zeros((batch, k, c.cell_size), mx.float32)
+
+    def _run_layers(self, x, states):
+        new = []
+        for block, (tail, cell_state) in zip(self.layers, states):
+            x, tail, cell_state = block(x, tail, cell_state)
+            new.append((tail, cell_state))
+        return x, new
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        if inputs.ndim != 2:
+            raise ValueError(f"inputs must be token ids of shape [batch, time], got shape {tuple(inputs.shape)}")
+        if inputs.shape[1] < 1:
+            raise ValueError("inputs is empty: give at least one token")
+        x = self.embed(inputs)
+        batch = inputs.shape[0]
+        if cache is None:
+            states = [self._zero_state(batch, x.dtype) for _ in self.layers]
+        else:
+            states = [
+                (c[0], c[1]) if c[0] is not None else self._zero_state(batch, x.dtype) for c in cache
+            ]
+        outputs = []
+        for start in range(0, inputs.shape[1], PREFILL_CHUNK):
+            hidden, states = self._run_layers(x[:, start : start + PREFILL_CHUNK], states)
+            outputs.append(hidden)
+            if cache is not None and inputs.shape[1] > PREFILL_CHUNK:
+                mx.eval(hidden, states)  # keep one chunk's graph alive at a time
+        if cache is not None:
+            for c, (tail, cell_state) in zip(cache, states):
+                c[0], c[1] = tail, cell_state.astype(mx.float32)
+        hidden = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
+        return self.logits(hidden)
+
+    def logits(self, hidden):
+        hidden = self.norm(hidden)
+        if self.config.tie_embeddings:
+            return self.embed.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Checkpoints of tied models carry no lm_head; drop a stray one so strict loading passes."""
+        if self.config.tie_embeddings:
+            weights = {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+        return weights

@@ -10,13 +10,12 @@ import functools
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from pararnn_core.cell import Cell, get_cell
 from pararnn_core.layer_spec import PROJECTION_EINSUM, LayerSpec, check_mode, from_apple_tensors
 from pararnn_core.newton import NewtonConfig, SolveInfo, step_fn
 from pararnn_mlx.modes import resolve_mode, run_mode
-from pararnn_mlx.ops import ops
+from pararnn_mlx.ops import from_numpy, ops
 
 _LOW_PRECISION = (mx.float16, mx.bfloat16)
 
@@ -196,7 +195,7 @@ class ParaRNN(nn.Module):
     # -- Apple checkpoints ------------------------------------------------------------
     @classmethod
     def _from_apple(cls, cell_name, state_dict, num_heads, **kwargs):
-        arrays = {k: v if isinstance(v, mx.array) else mx.array(np.asarray(v)) for k, v in state_dict.items()}
+        arrays = {k: v if isinstance(v, mx.array) else from_numpy(v) for k, v in state_dict.items()}
         tensors = from_apple_tensors(cell_name, arrays, num_heads, ops.concat)
         kwargs.setdefault("dtype", tensors["weight"].dtype)
         layer = cls._construct(cell_name, tensors["input_size"], tensors["hidden_size"], num_heads, **kwargs)

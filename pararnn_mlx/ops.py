@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from pararnn_core.ops import ArrayOps
 
@@ -58,6 +59,12 @@ class MLXOps(ArrayOps):
         # mx.vjp sums over broadcast dimensions, so parameter gradients come back as [N]
         _, grads = mx.vjp(flat, list(state) + list(gates) + list(params), list(cotangents))
         return list(grads[:k]), list(grads[k : k + g]), list(grads[k + g :])
+
+
+def from_numpy(a) -> mx.array:
+    """numpy (or array-like) to MLX keeping float64 (``mx.array`` alone narrows it to float32)."""
+    a = np.asarray(a)
+    return mx.array(a, dtype=mx.float64) if a.dtype == np.float64 else mx.array(a)
 
 
 ops = MLXOps()

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from pararnn_core.newton import SolveInfo, adjoint, newton_solve, sequential_solve
 from pararnn_core.scan import block_scan
@@ -37,6 +38,18 @@ class ScanPair:
 def framework_scan(reverse: bool, chunk: int | None) -> Callable:
     """The chunked core scan, compiled once per (direction, chunk); MLX re-traces per shape."""
     return mx.compile(lambda A, b: block_scan(ops, A, b, reverse=reverse, chunk=chunk))
+
+
+def _detached(x):
+    """A copy of ``x`` with no autodiff history.
+
+    MLX (seen in 0.32) returns zero gradients for a whole ``mx.grad`` when, inside
+    it, an ``mx.jvp`` closure captures an array computed from the differentiated
+    inputs and the graph is then evaluated; ``mx.stop_gradient`` is not enough.
+    Newton does both (forward-mode Jacobians, residual checks), so it solves on
+    fresh copies; the custom vjp supplies the gradient.
+    """
+    return mx.array(np.asarray(x), dtype=x.dtype)
 
 
 def _unpack(u, recurrent, h0):
@@ -60,7 +73,8 @@ def solve_newton(cell, u, recurrent, h0, resets, config, scans: ScanPair, mode: 
     # everything that needs a gradient is an argument of the custom function
     @mx.custom_function
     def solve(u, recurrent, *initial):
-        gates, params, h0_list = _unpack(u, recurrent, initial[0] if initial else None)
+        initial = [_detached(h) for h in initial]
+        gates, params, h0_list = _unpack(_detached(u), _detached(recurrent), initial[0] if initial else None)
         traj, info = newton_solve(cell, ops, gates, params, h0_list, resets, config, scan=forward_scan)
         infos.append(info)
         return mx.stack(traj, 2)

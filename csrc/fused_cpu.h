@@ -6,8 +6,9 @@
 // reverse adjoint sweep  lam_t = g_t + J_{t+1}^T lam_{t+1}, emitting dL/du_t,
 // the per-channel parameter gradients (reduced over batch and time) and dL/dh0.
 //
-// Layouts (all contiguous, channel-last): u [B, T, G, N], traj and grad
-// [B, T, K, N], params [P, N], h0 [B, K, N] (may be null: zeros), resets [B, T]
+// Layouts (all contiguous, channel-last): u [B, T, G, N] (the projection
+// without its bias), bias [G, N] (may be null), traj and grad [B, T, K, N],
+// params [P, N], h0 [B, K, N] (may be null: zeros), resets [B, T]
 // bytes (may be null): where set, the previous state is h0 instead of traj[t-1].
 // The state components of one time step and of h0 share the stride N, so "the
 // previous state" is one pointer either way.
@@ -48,19 +49,27 @@ template <typename T>
 struct Problem {
     const T* u;
     const T* params;
+    const T* bias;  // [G, N] added to u inside the sweep (saves a pass over u); may be null
     const T* h0;
     const uint8_t* resets;
     int64_t batch, steps, channels;
 };
+
+// rows [R, N] of per-channel values for channels n0..n0+nb into a local [R][kLanes] block (zeros when null)
+template <int R, typename T>
+void load_rows(T (&out)[R > 0 ? R : 1][kLanes], const T* rows, int64_t N, int64_t n0, int64_t nb) {
+    for (int r = 0; r < R; ++r)
+        for (int64_t j = 0; j < nb; ++j) out[r][j] = rows ? rows[r * N + n0 + j] : T(0);
+}
 
 template <typename Cell, typename T>
 void forward_item(const Problem<T>& pb, T* traj, const T* zeros, int64_t b, int64_t n0, int64_t nb) {
     constexpr int K = Cell::K, G = Cell::G, P = Cell::P;
     const int64_t N = pb.channels, steps = pb.steps;
     const T* start = (pb.h0 ? pb.h0 + b * K * N : zeros) + n0;
-    T par[P > 0 ? P : 1][kLanes];
-    for (int q = 0; q < P; ++q)
-        for (int64_t j = 0; j < nb; ++j) par[q][j] = pb.params[q * N + n0 + j];
+    T par[P > 0 ? P : 1][kLanes], bias[G][kLanes];
+    load_rows<P>(par, pb.params, N, n0, nb);
+    load_rows<G>(bias, pb.bias, N, n0, nb);
     for (int64_t t = 0; t < steps; ++t) {
         const bool restart = t == 0 || (pb.resets && pb.resets[b * steps + t]);
         const T* prev = restart ? start : traj + ((b * steps + t - 1) * K) * N + n0;
@@ -70,7 +79,7 @@ void forward_item(const Problem<T>& pb, T* traj, const T* zeros, int64_t b, int6
         for (int64_t j = 0; j < nb; ++j) {
             T s[K], g[G], p[P > 0 ? P : 1], next[K];
             for (int k = 0; k < K; ++k) s[k] = prev[k * N + j];
-            for (int i = 0; i < G; ++i) g[i] = ut[i * N + j];
+            for (int i = 0; i < G; ++i) g[i] = ut[i * N + j] + bias[i][j];
             for (int q = 0; q < P; ++q) p[q] = par[q][j];
             Cell::template step<T>(s, g, p, next);
             for (int k = 0; k < K; ++k) out[k * N + j] = next[k];
@@ -79,19 +88,15 @@ void forward_item(const Problem<T>& pb, T* traj, const T* zeros, int64_t b, int6
 }
 
 template <typename Cell, typename T>
-void backward_item(const Problem<T>& pb, const T* traj, const T* grad, const T* zeros, T* du, T* dparams_of_batch,
+void backward_item(const Problem<T>& pb, const T* traj, const T* grad, const T* zeros, T* du, T* partial_of_batch,
                    T* dh0, int64_t b, int64_t n0, int64_t nb) {
     constexpr int K = Cell::K, G = Cell::G, P = Cell::P;
     const int64_t N = pb.channels, steps = pb.steps;
     const T* start = (pb.h0 ? pb.h0 + b * K * N : zeros) + n0;
-    T par[P > 0 ? P : 1][kLanes], dpar[P > 0 ? P : 1][kLanes], carry[K][kLanes], dstart[K][kLanes];
-    for (int q = 0; q < P; ++q)
-        for (int64_t j = 0; j < nb; ++j) {
-            par[q][j] = pb.params[q * N + n0 + j];
-            dpar[q][j] = T(0);
-        }
-    for (int k = 0; k < K; ++k)
-        for (int64_t j = 0; j < nb; ++j) carry[k][j] = dstart[k][j] = T(0);
+    T par[P > 0 ? P : 1][kLanes], bias[G][kLanes];
+    T dpar[P > 0 ? P : 1][kLanes] = {}, dbias[G][kLanes] = {}, carry[K][kLanes] = {}, dstart[K][kLanes] = {};
+    load_rows<P>(par, pb.params, N, n0, nb);
+    load_rows<G>(bias, pb.bias, N, n0, nb);
     for (int64_t t = steps - 1; t >= 0; --t) {
         const bool restart = t == 0 || (pb.resets && pb.resets[b * steps + t]);
         const T keep = restart ? T(0) : T(1);  // d prev flows into lam_{t-1}, or into h0 at a restart
@@ -106,10 +111,13 @@ void backward_item(const Problem<T>& pb, const T* traj, const T* grad, const T* 
                 s[k] = prev[k * N + j];
                 lam[k] = gt[k * N + j] + carry[k][j];
             }
-            for (int i = 0; i < G; ++i) g[i] = ut[i * N + j];
+            for (int i = 0; i < G; ++i) g[i] = ut[i * N + j] + bias[i][j];
             for (int q = 0; q < P; ++q) p[q] = par[q][j];
             Cell::template vjp<T>(s, g, p, lam, d_s, d_u, d_p);
-            for (int i = 0; i < G; ++i) dut[i * N + j] = d_u[i];
+            for (int i = 0; i < G; ++i) {
+                dut[i * N + j] = d_u[i];
+                dbias[i][j] += d_u[i];
+            }
             for (int q = 0; q < P; ++q) dpar[q][j] += d_p[q];
             for (int k = 0; k < K; ++k) {
                 carry[k][j] = keep * d_s[k];
@@ -117,8 +125,11 @@ void backward_item(const Problem<T>& pb, const T* traj, const T* grad, const T* 
             }
         }
     }
+    // this batch's sums: parameter rows, then bias rows
     for (int q = 0; q < P; ++q)
-        for (int64_t j = 0; j < nb; ++j) dparams_of_batch[q * N + n0 + j] = dpar[q][j];
+        for (int64_t j = 0; j < nb; ++j) partial_of_batch[q * N + n0 + j] = dpar[q][j];
+    for (int i = 0; i < G; ++i)
+        for (int64_t j = 0; j < nb; ++j) partial_of_batch[(P + i) * N + n0 + j] = dbias[i][j];
     if (dh0)
         for (int k = 0; k < K; ++k)
             for (int64_t j = 0; j < nb; ++j) dh0[(b * K + k) * N + n0 + j] = dstart[k][j];
@@ -135,21 +146,24 @@ void forward(const Problem<T>& pb, T* traj, int threads) {
 }
 
 template <typename Cell, typename T>
-void backward(const Problem<T>& pb, const T* traj, const T* grad, T* du, T* dparams, T* dh0, int threads) {
-    constexpr int P = Cell::P;
-    const int64_t N = pb.channels, blocks = (N + kLanes - 1) / kLanes;
+void backward(const Problem<T>& pb, const T* traj, const T* grad, T* du, T* dparams, T* dbias, T* dh0, int threads) {
+    constexpr int P = Cell::P, G = Cell::G;
+    const int64_t N = pb.channels, blocks = (N + kLanes - 1) / kLanes, rows = (P + G) * N;
     std::vector<T> zeros(static_cast<size_t>(Cell::K * N), T(0));
     // per-batch partial sums, reduced in a fixed order afterwards: deterministic, no atomics
-    std::vector<T> partial(static_cast<size_t>(std::max<int64_t>(1, pb.batch * P * N)), T(0));
+    std::vector<T> partial(static_cast<size_t>(pb.batch * rows), T(0));
     parallel_items(pb.batch * blocks, threads, [&](int64_t item) {
         const int64_t b = item / blocks, n0 = (item % blocks) * kLanes;
-        backward_item<Cell, T>(pb, traj, grad, zeros.data(), du, partial.data() + b * P * N, dh0, b, n0,
+        backward_item<Cell, T>(pb, traj, grad, zeros.data(), du, partial.data() + b * rows, dh0, b, n0,
                                std::min(kLanes, N - n0));
     });
-    for (int64_t i = 0; i < P * N; ++i) {
+    for (int64_t i = 0; i < rows; ++i) {
         T sum = T(0);
-        for (int64_t b = 0; b < pb.batch; ++b) sum += partial[b * P * N + i];
-        dparams[i] = sum;
+        for (int64_t b = 0; b < pb.batch; ++b) sum += partial[b * rows + i];
+        if (i < P * N)
+            dparams[i] = sum;
+        else if (dbias)
+            dbias[i - P * N] = sum;
     }
 }
 
@@ -157,17 +171,18 @@ void backward(const Problem<T>& pb, const T* traj, const T* grad, T* du, T* dpar
 
 // The C ABI of one cell's library, loaded with ctypes by pararnn_core/codegen/native.py.
 #define PR_FUSED_CPU_ENTRY(CELL, SUFFIX, T)                                                                     \
-    extern "C" void pr_fused_forward_##SUFFIX(const T* u, const T* params, const T* h0, const uint8_t* resets,    \
-                                              T* traj, int64_t batch, int64_t steps, int64_t channels,           \
-                                              int threads) {                                                     \
-        pararnn_fused::Problem<T> pb{u, params, h0, resets, batch, steps, channels};                             \
+    extern "C" void pr_fused_forward_##SUFFIX(const T* u, const T* params, const T* bias, const T* h0,           \
+                                              const uint8_t* resets, T* traj, int64_t batch, int64_t steps,      \
+                                              int64_t channels, int threads) {                                   \
+        pararnn_fused::Problem<T> pb{u, params, bias, h0, resets, batch, steps, channels};                       \
         pararnn_fused::forward<CELL, T>(pb, traj, threads);                                                      \
     }                                                                                                            \
-    extern "C" void pr_fused_backward_##SUFFIX(const T* u, const T* params, const T* h0, const uint8_t* resets,   \
-                                               const T* traj, const T* grad, T* du, T* dparams, T* dh0,          \
-                                               int64_t batch, int64_t steps, int64_t channels, int threads) {    \
-        pararnn_fused::Problem<T> pb{u, params, h0, resets, batch, steps, channels};                             \
-        pararnn_fused::backward<CELL, T>(pb, traj, grad, du, dparams, dh0, threads);                             \
+    extern "C" void pr_fused_backward_##SUFFIX(const T* u, const T* params, const T* bias, const T* h0,          \
+                                               const uint8_t* resets, const T* traj, const T* grad, T* du,       \
+                                               T* dparams, T* dbias, T* dh0, int64_t batch, int64_t steps,       \
+                                               int64_t channels, int threads) {                                  \
+        pararnn_fused::Problem<T> pb{u, params, bias, h0, resets, batch, steps, channels};                       \
+        pararnn_fused::backward<CELL, T>(pb, traj, grad, du, dparams, dbias, dh0, threads);                      \
     }
 
 #define PR_FUSED_CPU_LIBRARY(CELL)                                         \

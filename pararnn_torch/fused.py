@@ -50,25 +50,34 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+def _contiguous(t: torch.Tensor | None):
+    return None if t is None else t.contiguous()
+
+
 @torch.library.custom_op("pararnn::fused_forward", mutates_args=())
 def fused_forward(
-    u: torch.Tensor, recurrent: torch.Tensor, h0: torch.Tensor | None, resets: torch.Tensor | None, cell_key: str
+    u: torch.Tensor,
+    recurrent: torch.Tensor,
+    bias: torch.Tensor | None,
+    h0: torch.Tensor | None,
+    resets: torch.Tensor | None,
+    cell_key: str,
 ) -> torch.Tensor:
+    """Trajectory [B, T, K, N] of the cell over gates ``u + bias`` (u [B, T, G, N], bias [G, N])."""
     lib = _libraries[cell_key]
     batch, steps, _, channels = u.shape
-    u, recurrent = u.contiguous(), recurrent.contiguous()
-    h0 = h0.contiguous() if h0 is not None else None
+    u, recurrent, bias, h0 = (_contiguous(t) for t in (u, recurrent, bias, h0))
     resets = resets.contiguous().view(torch.uint8) if resets is not None else None
     traj = u.new_empty((batch, steps, lib.cell.state_size, channels))
     lib.forward(
-        _dtype_name(u), u.data_ptr(), recurrent.data_ptr(), _ptr(h0), _ptr(resets), traj.data_ptr(),
+        _dtype_name(u), u.data_ptr(), recurrent.data_ptr(), _ptr(bias), _ptr(h0), _ptr(resets), traj.data_ptr(),
         batch, steps, channels, torch.get_num_threads(),
     )  # fmt: skip
     return traj
 
 
 @fused_forward.register_fake
-def _(u, recurrent, h0, resets, cell_key):
+def _(u, recurrent, bias, h0, resets, cell_key):
     batch, steps, _, channels = u.shape
     return u.new_empty((batch, steps, _libraries[cell_key].cell.state_size, channels))
 
@@ -77,56 +86,68 @@ def _(u, recurrent, h0, resets, cell_key):
 def fused_backward(
     u: torch.Tensor,
     recurrent: torch.Tensor,
+    bias: torch.Tensor | None,
     h0: torch.Tensor | None,
     resets: torch.Tensor | None,
     traj: torch.Tensor,
     grad: torch.Tensor,
     cell_key: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (d_u [B, T, G, N], d_recurrent [P, N], d_h0 [B, K, N]; zeros when h0 is None)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_u [B, T, G, N], d_recurrent [P, N], d_bias [G, N], d_h0 [B, K, N]); d_h0 is zeros when h0 is None."""
     lib = _libraries[cell_key]
-    batch, steps, _, channels = u.shape
-    u, recurrent, traj, grad = (t.contiguous() for t in (u, recurrent, traj, grad))
-    h0 = h0.contiguous() if h0 is not None else None
+    batch, steps, gates, channels = u.shape
+    u, recurrent, bias, h0, traj, grad = (_contiguous(t) for t in (u, recurrent, bias, h0, traj, grad))
     resets = resets.contiguous().view(torch.uint8) if resets is not None else None
     d_u = torch.empty_like(u)
     d_rec = torch.empty_like(recurrent)
+    d_bias = u.new_empty((gates, channels))
     d_h0 = u.new_zeros((batch, lib.cell.state_size, channels))
     lib.backward(
-        _dtype_name(u), u.data_ptr(), recurrent.data_ptr(), _ptr(h0), _ptr(resets), traj.data_ptr(),
-        grad.data_ptr(), d_u.data_ptr(), d_rec.data_ptr(), d_h0.data_ptr() if h0 is not None else None,
+        _dtype_name(u), u.data_ptr(), recurrent.data_ptr(), _ptr(bias), _ptr(h0), _ptr(resets), traj.data_ptr(),
+        grad.data_ptr(), d_u.data_ptr(), d_rec.data_ptr(), d_bias.data_ptr(), _ptr(d_h0) if h0 is not None else None,
         batch, steps, channels, torch.get_num_threads(),
     )  # fmt: skip
-    return d_u, d_rec, d_h0
+    return d_u, d_rec, d_bias, d_h0
 
 
 @fused_backward.register_fake
-def _(u, recurrent, h0, resets, traj, grad, cell_key):
-    batch, _, _, channels = u.shape
-    return torch.empty_like(u), torch.empty_like(recurrent), u.new_empty((batch, traj.shape[2], channels))
+def _(u, recurrent, bias, h0, resets, traj, grad, cell_key):
+    batch, _, gates, channels = u.shape
+    return (
+        torch.empty_like(u),
+        torch.empty_like(recurrent),
+        u.new_empty((gates, channels)),
+        u.new_empty((batch, traj.shape[2], channels)),
+    )
 
 
 class _FusedSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, recurrent, h0, resets, cell_key):
-        traj = fused_forward(u, recurrent, h0, resets, cell_key)
+    def forward(ctx, u, recurrent, bias, h0, resets, cell_key):
+        traj = fused_forward(u, recurrent, bias, h0, resets, cell_key)
         ctx.cell_key = cell_key
-        ctx.save_for_backward(u, recurrent, h0, resets, traj)
+        ctx.save_for_backward(u, recurrent, bias, h0, resets, traj)
         return traj
 
     @staticmethod
     def backward(ctx, grad_traj):
-        u, recurrent, h0, resets, traj = ctx.saved_tensors
-        d_u, d_rec, d_h0 = fused_backward(u, recurrent, h0, resets, traj, grad_traj, ctx.cell_key)
-        return d_u, d_rec, (d_h0 if h0 is not None and ctx.needs_input_grad[2] else None), None, None
+        u, recurrent, bias, h0, resets, traj = ctx.saved_tensors
+        d_u, d_rec, d_bias, d_h0 = fused_backward(u, recurrent, bias, h0, resets, traj, grad_traj, ctx.cell_key)
+        d_bias = d_bias if bias is not None and ctx.needs_input_grad[2] else None
+        d_h0 = d_h0 if h0 is not None and ctx.needs_input_grad[3] else None
+        return d_u, d_rec, d_bias, d_h0, None, None
 
 
-def solve_fused(cell: Cell, u, recurrent, h0, resets):
-    """Trajectory [B, T, K, N] of ``cell`` with the fused CPU kernels, differentiable in u, recurrent, h0."""
+def solve_fused(cell: Cell, u, recurrent, h0, resets, bias=None):
+    """Trajectory [B, T, K, N] of ``cell`` over gates ``u + bias`` with the fused CPU kernels.
+
+    Differentiable in u, recurrent, bias and h0. Passing the bias separately
+    lets the sweep add it in registers instead of a pass over u.
+    """
     reason = fused_unavailable_reason(cell, u.device)
     if reason is not None:
         raise RuntimeError(f"mode='fused' cannot run cell {cell.name!r}: {reason}")
     key, _ = _library_for(cell)
     with torch.autocast(u.device.type, enabled=False):
-        traj = _FusedSolve.apply(u, recurrent, h0, resets, key)
+        traj = _FusedSolve.apply(u, recurrent, bias, h0, resets, key)
     return traj, SolveInfo(mode="fused")

@@ -96,11 +96,11 @@ class ParaRNN(nn.Module):
                     tensor[i].copy_(torch.tensor(row[1], dtype=tensor.dtype))
 
     # -- pieces ----------------------------------------------------------------
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Gates u = W x + b for every position: x [..., D] -> u [..., G, N]."""
+    def project(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        """Gates u = W x + b for every position: x [..., D] -> u [..., G, N] (without b if not add_bias)."""
         xh = x.unflatten(-1, (self.num_heads, self.spec.head_input))
-        u = torch.einsum(PROJECTION_EINSUM, xh, self.weight.to(x.dtype))
-        return u.flatten(-2) + self.bias.to(u.dtype)
+        u = torch.einsum(PROJECTION_EINSUM, xh, self.weight.to(x.dtype)).flatten(-2)
+        return u + self.bias.to(u.dtype) if add_bias else u
 
     def _compute_dtype(self, dtype):
         return torch.float32 if dtype in _LOW_PRECISION else dtype
@@ -136,10 +136,11 @@ class ParaRNN(nn.Module):
             self.spec.check_resets(tuple(resets.shape), batch, length, resets.dtype == torch.bool)
             resets = resets.to(x.device)
         mode = self.resolved_mode(x.device)
-        u = self.project(x)
+        u = self.project(x, add_bias=False)  # the solve adds the bias (inside the sweep in fused mode)
         compute = self._compute_dtype(u.dtype)
         h0 = self._state_to_tensor(state, batch, compute, x.device)
-        traj, info = run_mode(mode, self.cell, u.to(compute), self.recurrent.to(compute), h0, resets, self.newton)
+        rec, bias = self.recurrent.to(compute), self.bias.to(compute)
+        traj, info = run_mode(mode, self.cell, u.to(compute), rec, h0, resets, self.newton, bias=bias)
         self.last_solve = info
         y = traj[:, :, self.cell.output_index].to(u.dtype)
         if not return_state:

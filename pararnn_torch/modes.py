@@ -29,12 +29,18 @@ def resolve_mode(mode: str, device, cell=None) -> str:
     return mode
 
 
-def run_mode(mode: str, cell, u, recurrent, h0, resets, config):
-    """Solve with a resolved mode; returns (trajectory [B, T, K, N], SolveInfo)."""
+def run_mode(mode: str, cell, u, recurrent, h0, resets, config, bias=None):
+    """Solve with a resolved mode; returns (trajectory [B, T, K, N], SolveInfo).
+
+    ``bias`` [G, N], when given, is added to the gates ``u`` (the fused kernels
+    add it inside their sweep, saving a pass over u forward and backward).
+    """
+    if mode == "fused":
+        return solve_fused(cell, u, recurrent, h0, resets, bias)
+    if bias is not None:
+        u = u + bias
     if mode == "sequential":
         return solve_sequential(cell, u, recurrent, h0, resets, config)
     if mode == "parallel":
         return solve_newton(cell, u, recurrent, h0, resets, config, ScanPair(), mode)
-    if mode == "fused":
-        return solve_fused(cell, u, recurrent, h0, resets)
     raise ValueError(f"mode {mode!r} cannot run here: {unavailable_modes(u.device, cell).get(mode, 'unknown mode')}")

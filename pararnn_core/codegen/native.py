@@ -90,10 +90,10 @@ class CpuLibrary:
         p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         for suffix in _DTYPES.values():
             fwd = getattr(self._lib, f"pr_fused_forward_{suffix}")
-            fwd.argtypes = [p, p, p, p, p, i64, i64, i64, c_int]
+            fwd.argtypes = [p, p, p, p, p, p, i64, i64, i64, c_int]
             fwd.restype = None
             bwd = getattr(self._lib, f"pr_fused_backward_{suffix}")
-            bwd.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, c_int]
+            bwd.argtypes = [p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, c_int]
             bwd.restype = None
 
     def _fn(self, kind: str, dtype: str):
@@ -101,14 +101,15 @@ class CpuLibrary:
             raise TypeError(f"fused CPU kernels compute in float32 or float64, got {dtype}")
         return getattr(self._lib, f"pr_fused_{kind}_{_DTYPES[dtype]}")
 
-    def forward(self, dtype, u, params, h0, resets, traj, batch, steps, channels, threads):
-        """traj [B, T, K, N] <- sequential sweep over u [B, T, G, N] (h0, resets: address or None)."""
-        self._fn("forward", dtype)(u, params, h0, resets, traj, batch, steps, channels, threads)
+    def forward(self, dtype, u, params, bias, h0, resets, traj, batch, steps, channels, threads):
+        """traj [B, T, K, N] <- sequential sweep over u [B, T, G, N] + bias [G, N] (bias, h0, resets may be None)."""
+        self._fn("forward", dtype)(u, params, bias, h0, resets, traj, batch, steps, channels, threads)
 
-    def backward(self, dtype, u, params, h0, resets, traj, grad, du, dparams, dh0, batch, steps, channels, threads):
-        """du [B, T, G, N], dparams [P, N] and dh0 [B, K, N] (or None) <- reverse adjoint sweep."""
+    def backward(self, dtype, u, params, bias, h0, resets, traj, grad, du, dparams, dbias, dh0, batch, steps, channels,
+                 threads):
+        """du [B, T, G, N], dparams [P, N], dbias [G, N] and dh0 [B, K, N] (each may be None) <- adjoint sweep."""
         kernel = self._fn("backward", dtype)
-        kernel(u, params, h0, resets, traj, grad, du, dparams, dh0, batch, steps, channels, threads)
+        kernel(u, params, bias, h0, resets, traj, grad, du, dparams, dbias, dh0, batch, steps, channels, threads)
 
 
 _loaded: dict[str, CpuLibrary] = {}

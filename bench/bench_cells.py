@@ -69,7 +69,8 @@ def main(argv=None):
                 print(f"  {name}: {ref / t.median_ms:.2f}x faster than torch.nn.{cell.upper()}")
         layer.mode = "parallel"
         layer(x)
-        print(f"  Newton iterations (parallel): {layer.last_solve.iterations}, residual {layer.last_solve.residual:.2e}")
+        info = layer.last_solve
+        print(f"  Newton iterations (parallel): {info.iterations}, residual {info.residual:.2e}")
         payload["results"][cell] = results
         save_bar_plot(f"{args.out}/cells_{cell}.png", results,
                       f"{cell} fwd+bwd, B={args.batch} T={args.length} N={args.size} ({machine_description()})")

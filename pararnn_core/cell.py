@@ -30,8 +30,9 @@ Subclasses register themselves by ``name`` (see :func:`get_cell`).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 
 class Fields:
@@ -124,7 +125,7 @@ class Cell:
     #: which state component is the layer output y_t (default: the last one)
     output: ClassVar[str | None] = None
 
-    _registry: ClassVar[dict[str, type["Cell"]]] = {}
+    _registry: ClassVar[dict[str, type[Cell]]] = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -179,7 +180,7 @@ class Cell:
         return f"<cell {self.name}: gates={self.gates} state={self.state} params={self.param_names}>"
 
 
-def get_cell(cell: "str | Cell | type[Cell]") -> Cell:
+def get_cell(cell: str | Cell | type[Cell]) -> Cell:
     """Resolve a cell name, class or instance to an instance."""
     if isinstance(cell, Cell):
         return cell

@@ -33,7 +33,7 @@ class LayerSpec:
     num_heads: int = 1
 
     @classmethod
-    def build(cls, cell, input_size, hidden_size, num_heads=1) -> "LayerSpec":
+    def build(cls, cell, input_size, hidden_size, num_heads=1) -> LayerSpec:
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("num_heads", num_heads)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -113,7 +113,8 @@ class LayerSpec:
         names = "(" + ", ".join(self.cell.state) + ")"
         if len(shapes) != k:
             raise ValueError(
-                f"cell {self.cell.name!r} has state {names}: expected {k} tensors of shape {expected}, got {len(shapes)}"
+                f"cell {self.cell.name!r} has state {names}: expected {k} tensors of shape {expected}, "
+                f"got {len(shapes)}"
             )
         for name, s in zip(self.cell.state, shapes):
             if tuple(s) != expected:

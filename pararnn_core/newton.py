@@ -167,7 +167,10 @@ def newton_solve(cell: Cell, ops, gates, params, h0, resets, config: NewtonConfi
     scan = scan or (lambda A, b: block_scan(ops, A, b, chunk=config.chunk))
     tol = config.tolerance(ops.itemsize(gates[0]))
     info = SolveInfo(mode="parallel")
-    start = [ops.expand_dims(s, 1) for s in h0] if h0 is not None else [ops.zeros_like(gates[0][:, :1])] * cell.state_size
+    if h0 is not None:
+        start = [ops.expand_dims(s, 1) for s in h0]
+    else:
+        start = [ops.zeros_like(gates[0][:, :1])] * cell.state_size
     f = step_fn(cell, ops)
     traj = list(f(start, gates, params))  # the guess h_t = f(h_0, u_t)
     mask = chain_mask(ops, resets, gates[0])

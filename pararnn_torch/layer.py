@@ -157,7 +157,8 @@ class ParaRNN(nn.Module):
         if h is None:
             h = u.new_zeros((batch, self.cell.state_size, self.hidden_size), dtype=compute)
 
-        new = step_fn(self.cell, ops)(list(h.unbind(1)), list(u.to(compute).unbind(1)), list(self.recurrent.to(compute)))
+        step = step_fn(self.cell, ops)
+        new = step(list(h.unbind(1)), list(u.to(compute).unbind(1)), list(self.recurrent.to(compute)))
         new = torch.stack(list(new), 1)
         return new[:, self.cell.output_index].to(u.dtype), self._tensor_to_state(new, u.dtype)
 

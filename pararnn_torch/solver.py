@@ -8,8 +8,8 @@ Function (Newton forward, adjoint backward) and differ only in the linear scan.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

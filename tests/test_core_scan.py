@@ -1,0 +1,47 @@
+"""The framework scans of pararnn_core against a plain loop (numpy backend)."""
+
+import numpy as np
+import pytest
+
+from pararnn_core.ops import NumpyOps
+from pararnn_core.scan import block_scan, dense_scan
+
+ops = NumpyOps()
+
+
+def loop_block(A, b, reverse):
+    k = len(b)
+    B, T, N = b[0].shape
+    h = np.zeros((k, B, N))
+    out = np.zeros((k, B, T, N))
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    for t in steps:
+        h = np.stack([sum(A[i][j][:, t] * h[j] for j in range(k)) + b[i][:, t] for i in range(k)])
+        out[:, :, t] = h
+    return out
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("length,chunk", [(1, None), (2, None), (7, 3), (64, None), (100, 7), (257, 16), (33, 64)])
+def test_block_scan_matches_loop(k, length, chunk, reverse):
+    rng = np.random.default_rng(length * 10 + k)
+    A = [[0.7 * rng.uniform(-1, 1, (2, length, 5)) for _ in range(k)] for _ in range(k)]
+    b = [rng.standard_normal((2, length, 5)) for _ in range(k)]
+    got = block_scan(ops, A, b, reverse=reverse, chunk=chunk)
+    np.testing.assert_allclose(np.stack(got), loop_block(A, b, reverse), atol=1e-12)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("length,chunk", [(1, None), (5, 2), (50, None), (123, 11)])
+def test_dense_scan_matches_loop(length, chunk, reverse):
+    rng = np.random.default_rng(length)
+    n = 4
+    A = 0.4 * rng.standard_normal((3, length, n, n))
+    b = rng.standard_normal((3, length, n))
+    h = np.zeros((3, n))
+    ref = np.zeros_like(b)
+    for t in (range(length - 1, -1, -1) if reverse else range(length)):
+        h = np.einsum("bij,bj->bi", A[:, t], h) + b[:, t]
+        ref[:, t] = h
+    np.testing.assert_allclose(dense_scan(ops, A, b, reverse=reverse, chunk=chunk), ref, atol=1e-12)

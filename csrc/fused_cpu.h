@@ -17,6 +17,7 @@
 // OpenMP runtime next to torch's would oversubscribe the cores).
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <thread>
 #include <vector>
@@ -28,20 +29,19 @@ namespace pararnn_fused {
 // channels per work item: a few SIMD registers per row, small enough to split N=256 over cores
 constexpr int64_t kLanes = 64;
 
+// Work items are handed out one at a time from a shared counter: when another
+// process holds a core, the other threads take over its share instead of waiting.
 template <typename Fn>
 void parallel_items(int64_t items, int threads, Fn&& fn) {
     threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
-    if (threads == 1) {
-        for (int64_t i = 0; i < items; ++i) fn(i);
-        return;
-    }
+    std::atomic<int64_t> next{0};
+    auto run = [&] {
+        for (int64_t i = next++; i < items; i = next++) fn(i);
+    };
     std::vector<std::thread> pool;
     pool.reserve(threads - 1);
-    auto run = [&](int w) {
-        for (int64_t i = items * w / threads; i < items * (w + 1) / threads; ++i) fn(i);
-    };
-    for (int w = 1; w < threads; ++w) pool.emplace_back(run, w);
-    run(0);
+    for (int w = 1; w < threads; ++w) pool.emplace_back(run);
+    run();
     for (auto& t : pool) t.join();
 }
 

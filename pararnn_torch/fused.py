@@ -9,6 +9,8 @@ adjoint kernel plus the matmuls of the input projection.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from pararnn_core.cell import Cell
@@ -18,12 +20,17 @@ from pararnn_core.newton import SolveInfo
 
 # libraries by definition hash: the ops take the hash, since a custom op cannot take a Python object
 _libraries: dict = {}
+# hash per cell instance, so a forward pays for neither sympy nor hashing
+_keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _library_for(cell: Cell):
-    key = definition_hash(cell)
-    if key not in _libraries:
-        _libraries[key] = load_cpu_library(cell)
+    key = _keys.get(cell)
+    if key is None:
+        key = definition_hash(cell)
+        if key not in _libraries:
+            _libraries[key] = load_cpu_library(cell)
+        _keys[cell] = key
     return key, _libraries[key]
 
 

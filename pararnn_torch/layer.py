@@ -129,7 +129,8 @@ class ParaRNN(nn.Module):
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.device != self.weight.device:
             raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.weight.device}")
-        if not bool(torch.isfinite(x).all()):
+        # min and max propagate NaN and hold any inf; several times faster than isfinite(x).all() on CPU
+        if not all(bool(torch.isfinite(v)) for v in torch.aminmax(x.detach())):
             raise ValueError("x contains NaN or inf; the recurrence would spread them to every later step")
         batch, length = x.shape[:2]
         if resets is not None:

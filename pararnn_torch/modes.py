@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pararnn_core.layer_spec import check_mode
+from pararnn_torch import _ext
 from pararnn_torch.fused import fused_unavailable_reason, solve_fused
+from pararnn_torch.kernels import native_scan_pair
 from pararnn_torch.solver import ScanPair, solve_newton, solve_sequential
 
 #: ``auto`` takes the first mode of this list that runs on the input's device
@@ -12,9 +14,10 @@ AUTO_ORDER = ("fused", "kernel", "parallel")
 
 def unavailable_modes(device, cell=None) -> dict[str, str]:
     """Modes that cannot run on ``device`` (for ``cell``, when given), with the reason and what to do."""
-    missing = {
-        "kernel": "the native scan kernels are not part of this build yet; use mode='parallel'",
-    }
+    missing = {}
+    kernel = _ext.missing_reason(device)
+    if kernel is not None:
+        missing["kernel"] = kernel + "; or use mode='parallel'"
     fused = fused_unavailable_reason(cell, device)
     if fused is not None:
         missing["fused"] = fused
@@ -43,4 +46,6 @@ def run_mode(mode: str, cell, u, recurrent, h0, resets, config, bias=None):
         return solve_sequential(cell, u, recurrent, h0, resets, config)
     if mode == "parallel":
         return solve_newton(cell, u, recurrent, h0, resets, config, ScanPair(), mode)
+    if mode == "kernel":
+        return solve_newton(cell, u, recurrent, h0, resets, config, native_scan_pair(), mode)
     raise ValueError(f"mode {mode!r} cannot run here: {unavailable_modes(u.device, cell).get(mode, 'unknown mode')}")

@@ -1,0 +1,72 @@
+"""Builds the native extension ``pararnn_torch._C`` (metadata lives in pyproject.toml).
+
+- CPU op ``torch.ops.pararnn.scan``: always, when torch and a C++ compiler are present.
+- CUDA dispatch of the same op: when nvcc (CUDA_HOME) and a CUDA build of torch are
+  present, for sm_80 and sm_90 (TORCH_CUDA_ARCH_LIST overrides).
+- Anything missing: a printed message and an install without the extension; the
+  ``kernel`` mode then reports what is missing (pararnn_torch/_ext.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import setup
+
+CPU_SOURCES = ["csrc/scan_ops.cpp", "csrc/scan_cpu.cpp"]
+CUDA_SOURCES = ["csrc/scan_cuda_glue.cpp", "csrc/scan_cuda.cu"]
+CXX_FLAGS = ["-O3", "-std=c++17"]
+
+
+def _say(message: str) -> None:
+    print(f"[pararnn setup] {message}", file=sys.stderr)
+
+
+def _extension_build():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _say("torch is not installed: building without the native extension (mode='kernel' unavailable).")
+        return [], {}
+
+    want_cuda = os.environ.get("PARARNN_NO_CUDA", "0") != "1"
+    if want_cuda and torch.version.cuda and cpp_extension.CUDA_HOME:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        _say(
+            f"building CPU + CUDA extension (CUDA_HOME={cpp_extension.CUDA_HOME}, "
+            f"arch {os.environ['TORCH_CUDA_ARCH_LIST']})"
+        )
+        ext = cpp_extension.CUDAExtension(
+            "pararnn_torch._C",
+            CPU_SOURCES + CUDA_SOURCES,
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17"]},
+        )
+    else:
+        reason = "torch is a CPU build" if not torch.version.cuda else "CUDA_HOME/nvcc not found"
+        if want_cuda:
+            _say(f"building the CPU extension only ({reason}).")
+        ext = cpp_extension.CppExtension("pararnn_torch._C", CPU_SOURCES, extra_compile_args={"cxx": CXX_FLAGS})
+
+    class LenientBuild(cpp_extension.BuildExtension):
+        """A failed native build must not fail the install: the pure-Python modes still work."""
+
+        def run(self):
+            try:
+                super().run()
+            except Exception as error:  # compiler missing or broken
+                if os.environ.get("PARARNN_REQUIRE_EXTENSION") == "1":
+                    raise
+                _say(
+                    f"could not build the native extension ({type(error).__name__}: {error}).\n"
+                    "  Installing without it: modes 'parallel' and 'sequential' work, 'kernel' does not.\n"
+                    "  To build it: install a C++ compiler (g++ or clang++) and rerun "
+                    "`pip install --no-build-isolation -e .`"
+                )
+
+    return [ext], {"build_ext": LenientBuild.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extension_build()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

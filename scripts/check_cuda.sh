@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Compile check of the CUDA part of the extension (no GPU needed).
+#
+# Creates (once) a separate virtual environment with the CUDA build of torch,
+# builds pararnn_torch._C with nvcc for sm_80 and sm_90 out of tree (build/cuda),
+# and checks that the library registers the CUDA kernel of pararnn::scan and
+# holds code for both architectures. Fails if anything does not compile; skips
+# (exit 0, with the reason) only when nvcc is absent. Re-runs are cached: the
+# venv is reused and the build is skipped when no source changed.
+#
+# Environment: PARARNN_CUDA_VENV (default .venv-cuda), PARARNN_CUDA_TORCH
+# (default torch==2.14.1), TORCH_CUDA_ARCH_LIST (default "8.0;9.0"), PYTHON.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+start=$SECONDS
+
+if ! command -v nvcc >/dev/null 2>&1; then
+  echo "check_cuda: SKIPPED - nvcc not found on PATH, so the CUDA extension cannot be compiled here"
+  exit 0
+fi
+
+# CUDA_HOME = the toolkit root holding include/cuda_runtime_api.h (`nvcc` on PATH may be a wrapper script)
+find_cuda_home() {
+  local nvcc_path candidates=()
+  nvcc_path="$(command -v nvcc)"
+  [ -n "${CUDA_HOME:-}" ] && candidates+=("$CUDA_HOME")
+  candidates+=("$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")")
+  # a wrapper script names the real nvcc in its exec line
+  while read -r real; do candidates+=("$(dirname "$(dirname "$real")")"); done \
+    < <(grep -aoE '/[^ "]+/bin/nvcc' "$nvcc_path" 2>/dev/null || true)
+  candidates+=(/usr/local/cuda /usr/local/cuda-*)
+  for dir in "${candidates[@]}"; do
+    if [ -f "$dir/include/cuda_runtime_api.h" ] && [ -x "$dir/bin/nvcc" ]; then echo "$dir"; return 0; fi
+  done
+  return 1
+}
+if ! CUDA_HOME="$(find_cuda_home)"; then
+  echo "check_cuda: FAILED - nvcc is on PATH but no toolkit root with include/cuda_runtime_api.h was found; set CUDA_HOME"
+  exit 1
+fi
+export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}"
+echo "check_cuda: CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | tail -2 | head -1)), arch $TORCH_CUDA_ARCH_LIST"
+
+VENV="${PARARNN_CUDA_VENV:-$ROOT/.venv-cuda}"
+TORCH_SPEC="${PARARNN_CUDA_TORCH:-torch==2.14.1}"
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" >/dev/null 2>&1; then
+  echo "check_cuda: creating $VENV with $TORCH_SPEC (CUDA build)"
+  "${PYTHON:-python3}" -m venv "$VENV"
+  "$VENV/bin/pip" install -q "$TORCH_SPEC" numpy setuptools wheel ninja
+fi
+"$VENV/bin/python" -c "import torch; print('check_cuda: torch', torch.__version__, 'CUDA', torch.version.cuda)"
+
+BUILD="$ROOT/build/cuda"
+STAMP="$BUILD/stamp"
+SOURCES=(setup.py csrc/scan_*)
+if [ -f "$STAMP" ] && [ -z "$(find "${SOURCES[@]}" -newer "$STAMP" 2>/dev/null)" ] \
+    && [ "$(cat "$STAMP")" = "$TORCH_CUDA_ARCH_LIST $TORCH_SPEC" ]; then
+  echo "check_cuda: sources unchanged since the last successful build, reusing it"
+else
+  rm -rf "$BUILD"
+  PARARNN_REQUIRE_EXTENSION=1 MAX_JOBS="${MAX_JOBS:-2}" "$VENV/bin/python" setup.py -q build_ext \
+    --build-lib "$BUILD/lib" --build-temp "$BUILD/tmp"
+fi
+LIB="$(ls "$BUILD"/lib/pararnn_torch/_C*.so)"
+
+"$VENV/bin/python" - "$LIB" <<'PY'
+import subprocess, sys
+import torch
+lib = sys.argv[1]
+torch.ops.load_library(lib)
+for key in ("CPU", "CUDA"):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("pararnn::scan", key), f"no {key} kernel registered in {lib}"
+elves = subprocess.run(["cuobjdump", "--list-elf", lib], capture_output=True, text=True).stdout
+for arch in ("sm_80", "sm_90"):
+    assert arch in elves, f"{lib} holds no {arch} code (cuobjdump --list-elf:\n{elves})"
+print(f"check_cuda: OK - {lib} registers pararnn::scan for CPU and CUDA, with sm_80 and sm_90 code")
+PY
+echo "$TORCH_CUDA_ARCH_LIST $TORCH_SPEC" > "$STAMP"
+echo "check_cuda: done in $((SECONDS - start)) s"

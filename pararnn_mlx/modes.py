@@ -9,6 +9,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from pararnn_core.layer_spec import check_mode
+from pararnn_mlx import metal_scan
 from pararnn_mlx.solver import ScanPair, solve_newton, solve_sequential
 
 #: ``auto`` takes the first mode of this list that runs on the device
@@ -17,10 +18,11 @@ AUTO_ORDER = ("fused", "kernel", "parallel")
 
 def unavailable_modes(device=None) -> dict[str, str]:
     """Modes that cannot run on ``device`` (default: MLX's default device), with the reason and what to do."""
-    return {
-        "kernel": "the Metal scan kernels are not part of this build yet; use mode='parallel'",
-        "fused": "the fused Metal kernels are not part of this build yet; use mode='parallel'",
-    }
+    missing = {"fused": "the fused Metal kernels are not part of this build yet; use mode='parallel'"}
+    kernel = metal_scan.unavailable_reason(device)
+    if kernel is not None:
+        missing["kernel"] = kernel
+    return missing
 
 
 def resolve_mode(mode: str, device=None) -> str:
@@ -38,5 +40,7 @@ def run_mode(mode: str, cell, u, recurrent, h0, resets, config):
         return solve_sequential(cell, u, recurrent, h0, resets, config)
     if mode == "parallel":
         return solve_newton(cell, u, recurrent, h0, resets, config, ScanPair(), mode)
+    if mode == "kernel" and metal_scan.unavailable_reason() is None:
+        return solve_newton(cell, u, recurrent, h0, resets, config, metal_scan.native_scan_pair(), mode)
     reason = unavailable_modes(mx.default_device()).get(mode, "unknown mode")
     raise ValueError(f"mode {mode!r} cannot run here: {reason}")

@@ -1,0 +1,97 @@
+"""The structured-scan Metal kernel (metal/scan.metal) as an MLX op, and its use as mode='kernel'.
+
+The kernel is built with ``mx.fast.metal_kernel`` only when a Metal device is
+present (``mx.metal.is_available()``); elsewhere :func:`unavailable_reason`
+says why and the ``kernel`` mode is reported unavailable. On a CPU-only MLX the
+``parallel`` mode (compiled framework scan) is the fast path.
+
+The same kernel source is compiled with g++ and run on the CPU by
+tests/test_emulation.py, so it is tested on machines without a Mac.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import mlx.core as mx
+
+from pararnn_mlx.solver import ScanPair
+
+METAL_DIR = Path(__file__).resolve().parent.parent / "metal"
+#: time steps each thread composes in registers (template argument of the kernel)
+CHUNK = 4
+MAX_THREADS = 256
+_STORAGE_TYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+
+def unavailable_reason(device=None) -> str | None:
+    """None when the Metal scan can run on ``device`` (default: MLX's default device); else why not."""
+    device = device or mx.default_device()
+    if not mx.metal.is_available():
+        return "no Metal device (the Metal scan kernel needs a Mac with Apple silicon); use mode='parallel'"
+    if device.type != mx.gpu:
+        return "the Metal scan runs on the GPU device, not on MLX's CPU device; use mode='parallel'"
+    if not (METAL_DIR / "scan.metal").exists():
+        return f"the Metal kernel sources are missing ({METAL_DIR}/scan.metal); reinstall from the repository"
+    return None
+
+
+@functools.cache
+def _kernel():
+    return mx.fast.metal_kernel(
+        name="pararnn_scan",
+        input_names=["A", "b", "h0", "dims"],
+        output_names=["h"],
+        source=(METAL_DIR / "scan.metal").read_text(),
+        header=(METAL_DIR / "scan_header.metal").read_text(),
+    )
+
+
+def threads_for(length: int) -> int:
+    """Threads per threadgroup: enough to cover T in one tile when short, a multiple of 32, at most 256."""
+    steps_per_warp = 32 * CHUNK
+    return min(MAX_THREADS, 32 * max(1, -(-length // steps_per_warp)))
+
+
+def scan(A: mx.array, b: mx.array, h0: mx.array | None = None, reverse: bool = False) -> mx.array:
+    """Structured linear scan on the GPU, same contract as ``torch.ops.pararnn.scan``.
+
+    forward: ``h_t = A_t h_{t-1} + b_t`` from h0 (or 0); reverse:
+    ``h_t = A_t h_{t+1} + b_t`` from h0 (or 0). A [B, T, K, K, N], b [B, T, K, N],
+    h0 [B, K, N]; float32, float16 or bfloat16 storage, computed in float32.
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"Metal scan unavailable: {reason}")
+    if b.ndim != 4 or A.shape != (b.shape[0], b.shape[1], b.shape[2], b.shape[2], b.shape[3]):
+        raise ValueError(f"Metal scan expects A [B, T, K, K, N] and b [B, T, K, N], got {A.shape} and {b.shape}")
+    if b.dtype not in _STORAGE_TYPES or A.dtype != b.dtype:
+        raise TypeError(f"Metal scan supports one dtype of {_STORAGE_TYPES} for A and b, got {A.dtype}, {b.dtype}")
+    B, T, K, N = b.shape
+    if h0 is not None and h0.shape != (B, K, N):
+        raise ValueError(f"Metal scan expects h0 [B, K, N] = {(B, K, N)}, got {h0.shape}")
+    dims = mx.array([B, T, N, int(reverse), int(h0 is not None)], dtype=mx.uint32)
+    threads = threads_for(T)
+    (h,) = _kernel()(
+        inputs=[A, b, h0.astype(b.dtype) if h0 is not None else mx.zeros((1,), b.dtype), dims],
+        template=[("T", b.dtype), ("K", K), ("CHUNK", CHUNK)],
+        grid=(threads, B * N, 1),
+        threadgroup=(threads, 1, 1),
+        output_shapes=[b.shape],
+        output_dtypes=[b.dtype],
+    )
+    return h
+
+
+def _solver(reverse: bool):
+    def solve(A_nested, b_list):
+        A = mx.stack([mx.stack(row, 2) for row in A_nested], 2)
+        return [scan(A, mx.stack(b_list, 2), None, reverse)[:, :, k] for k in range(len(b_list))]
+
+    return solve
+
+
+def native_scan_pair() -> ScanPair:
+    """Linear solvers of the Newton step and of the adjoint in the Metal kernel."""
+    return ScanPair(forward=_solver(False), reverse=_solver(True))

@@ -114,3 +114,35 @@ def test_metal_outputs_start_poisoned():
     (out,) = kernel([x], grid=(64, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(64,)])
     np.testing.assert_array_equal(out[0::2], x[0::2])
     assert np.isnan(out[1::2]).all()
+
+
+def test_metal_kernel_with_the_loader_dispatch():
+    """The launch parameters pararnn_mlx/metal_scan.py uses on a Mac (CHUNK, threads per threadgroup)."""
+    metal_scan = pytest.importorskip("pararnn_mlx.metal_scan")
+    B, T, K, N = 1, 1500, 2, 3
+    threads = metal_scan.threads_for(T)
+    assert threads % 32 == 0 and threads <= metal_scan.MAX_THREADS and threads * metal_scan.CHUNK < T  # several tiles
+    A, b, h0 = random_scan_inputs(B, T, K, N, np.float32, True)
+    dims = np.array([B, T, N, 0, 1], np.uint32)
+    kernel = compile_metal(
+        "pararnn_scan",
+        (METAL / "scan.metal").read_text(),
+        inputs=[("A", A), ("b", b), ("h0", h0), ("dims", dims)],
+        outputs=[("h", np.float32)],
+        template=[("T", np.float32), ("K", K), ("CHUNK", metal_scan.CHUNK)],
+        header=(METAL / "scan_header.metal").read_text(),
+    )
+    (h,) = kernel([A, b, h0, dims], grid=(threads, B * N, 1), threadgroup=(threads, 1, 1), output_shapes=[b.shape])
+    assert np.abs(h - reference_scan(A, b, h0)).max() <= tolerance(np.float32, T)
+
+
+def test_mlx_kernel_mode_explains_why_it_is_unavailable_without_metal():
+    mx = pytest.importorskip("mlx.core")
+    if mx.metal.is_available():
+        pytest.skip("a Metal device is present: python -m pararnn_mlx.selftest runs the kernel on it")
+    from pararnn_mlx.modes import resolve_mode, unavailable_modes
+
+    assert "no Metal device" in unavailable_modes()["kernel"]
+    assert resolve_mode("auto") == "parallel"
+    with pytest.raises(ValueError, match="no Metal device"):
+        resolve_mode("kernel")

@@ -7,6 +7,24 @@
 #include "scan_kernel.cuh"
 
 namespace pararnn {
+
+template <>
+__device__ __forceinline__ float to_compute<float, __half>(__half x) {
+  return __half2float(x);
+}
+template <>
+__device__ __forceinline__ __half to_storage<__half, float>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ float to_compute<float, __nv_bfloat16>(__nv_bfloat16 x) {
+  return __bfloat162float(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 to_storage<__nv_bfloat16, float>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
 namespace {
 
 constexpr int kThreads = 256;

@@ -24,6 +24,17 @@ namespace pararnn {
 
 constexpr int kScanMaxWarps = 32;
 
+// storage <-> compute conversions; scan_cuda.cu specialises them for __half and
+// __nv_bfloat16 (torch builds with __CUDA_NO_HALF_CONVERSIONS__, so no implicit casts)
+template <typename C, typename S>
+__device__ __forceinline__ C to_compute(S x) {
+  return static_cast<C>(x);
+}
+template <typename S, typename C>
+__device__ __forceinline__ S to_storage(C x) {
+  return static_cast<S>(x);
+}
+
 // x -> P x + v; `later.then_after(earlier)` is the map of earlier followed by later
 template <typename C, int K>
 struct AffineMap {
@@ -83,7 +94,7 @@ __global__ void structured_scan_kernel(const S* __restrict__ A, const S* __restr
   const int64_t tile_len = int64_t(threads) * CHUNK;
   const int64_t num_tiles = (T + tile_len - 1) / tile_len;
 
-  if (tid < K) carry[0][tid] = h0 ? C(h0[(batch * K + tid) * N + channel]) : C(0);
+  if (tid < K) carry[0][tid] = h0 ? to_compute<C>(h0[(batch * K + tid) * N + channel]) : C(0);
 
   for (int64_t tile = 0; tile < num_tiles; ++tile) {
     // 1. this thread's CHUNK steps (identity past the end) and their composed map
@@ -96,10 +107,10 @@ __global__ void structured_scan_kernel(const S* __restrict__ A, const S* __restr
       AffineMap<C, K> step;
       for (int i = 0; i < K; ++i) {
         for (int j = 0; j < K; ++j) {
-          step.P[i][j] = s < T ? C(A[((batch * T + t) * K * K + i * K + j) * N + channel]) : C(i == j);
+          step.P[i][j] = s < T ? to_compute<C>(A[((batch * T + t) * K * K + i * K + j) * N + channel]) : C(i == j);
           a_reg[c][i][j] = step.P[i][j];
         }
-        step.v[i] = s < T ? C(b[((batch * T + t) * K + i) * N + channel]) : C(0);
+        step.v[i] = s < T ? to_compute<C>(b[((batch * T + t) * K + i) * N + channel]) : C(0);
         b_reg[c][i] = step.v[i];
       }
       step.then_after(mine);
@@ -145,7 +156,7 @@ __global__ void structured_scan_kernel(const S* __restrict__ A, const S* __restr
       for (int i = 0; i < K; ++i) state[i] = next[i];
       if (s < T) {
         const int64_t t = reverse ? T - 1 - s : s;
-        for (int i = 0; i < K; ++i) h[((batch * T + t) * K + i) * N + channel] = S(state[i]);
+        for (int i = 0; i < K; ++i) h[((batch * T + t) * K + i) * N + channel] = to_storage<S>(state[i]);
       }
     }
     if (tid == threads - 1) {

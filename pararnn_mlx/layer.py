@@ -141,7 +141,7 @@ class ParaRNN(nn.Module):
 
     def resolved_mode(self, device=None) -> str:
         """The mode ``auto`` picks (or the set mode) on ``device`` (default: MLX's default device)."""
-        return resolve_mode(self.mode, device)
+        return resolve_mode(self.mode, device, self.cell)
 
     # -- forward ------------------------------------------------------------------
     def __call__(self, x: mx.array, state=None, resets: mx.array | None = None, return_state: bool = False):

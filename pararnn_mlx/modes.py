@@ -10,24 +10,29 @@ import mlx.core as mx
 
 from pararnn_core.layer_spec import check_mode
 from pararnn_mlx import metal_scan
+from pararnn_mlx.fused import fused_unavailable_reason, solve_fused
 from pararnn_mlx.solver import ScanPair, solve_newton, solve_sequential
 
 #: ``auto`` takes the first mode of this list that runs on the device
 AUTO_ORDER = ("fused", "kernel", "parallel")
 
 
-def unavailable_modes(device=None) -> dict[str, str]:
-    """Modes that cannot run on ``device`` (default: MLX's default device), with the reason and what to do."""
-    missing = {"fused": "the fused Metal kernels are not part of this build yet; use mode='parallel'"}
+def unavailable_modes(device=None, cell=None) -> dict[str, str]:
+    """Modes that cannot run on ``device`` (default: MLX's default device) for ``cell`` (when given),
+    with the reason and what to do."""
+    missing = {}
+    fused = fused_unavailable_reason(cell, device)
+    if fused is not None:
+        missing["fused"] = fused
     kernel = metal_scan.unavailable_reason(device)
     if kernel is not None:
         missing["kernel"] = kernel
     return missing
 
 
-def resolve_mode(mode: str, device=None) -> str:
+def resolve_mode(mode: str, device=None, cell=None) -> str:
     device = device or mx.default_device()
-    missing = unavailable_modes(device)
+    missing = unavailable_modes(device, cell)
     check_mode(mode, missing)
     if mode == "auto":
         return next(m for m in AUTO_ORDER if m not in missing)
@@ -40,7 +45,9 @@ def run_mode(mode: str, cell, u, recurrent, h0, resets, config):
         return solve_sequential(cell, u, recurrent, h0, resets, config)
     if mode == "parallel":
         return solve_newton(cell, u, recurrent, h0, resets, config, ScanPair(), mode)
+    if mode == "fused":
+        return solve_fused(cell, u, recurrent, h0, resets)
     if mode == "kernel" and metal_scan.unavailable_reason() is None:
         return solve_newton(cell, u, recurrent, h0, resets, config, metal_scan.native_scan_pair(), mode)
-    reason = unavailable_modes(mx.default_device()).get(mode, "unknown mode")
+    reason = unavailable_modes(mx.default_device(), cell).get(mode, "unknown mode")
     raise ValueError(f"mode {mode!r} cannot run here: {reason}")

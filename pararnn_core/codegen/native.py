@@ -18,6 +18,8 @@ import threading
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from pararnn_core.cell import Cell, get_cell
 from pararnn_core.codegen.sources import CSRC_DIR, cache_dir, cell_sources
 
@@ -110,6 +112,49 @@ class CpuLibrary:
         """du [B, T, G, N], dparams [P, N], dbias [G, N] and dh0 [B, K, N] (each may be None) <- adjoint sweep."""
         kernel = self._fn("backward", dtype)
         kernel(u, params, bias, h0, resets, traj, grad, du, dparams, dbias, dh0, batch, steps, channels, threads)
+
+
+    # -- numpy convenience (pararnn_mlx on the CPU; tests) ------------------------------
+    def sweep(self, u, params, bias=None, h0=None, resets=None, threads=None):
+        """numpy: trajectory [B, T, K, N] over gates u [B, T, G, N] (+ bias [G, N])."""
+        u, params, bias, h0 = _same_dtype_contiguous(u, params, bias, h0)
+        resets = None if resets is None else np.ascontiguousarray(resets, dtype=np.uint8)
+        batch, steps, _, channels = u.shape
+        traj = np.empty((batch, steps, self.cell.state_size, channels), dtype=u.dtype)
+        self.forward(u.dtype.name, *_addresses(u, params, bias, h0, resets, traj), batch, steps, channels,
+                     threads or default_threads())
+        return traj
+
+    def adjoint_sweep(self, u, params, bias, h0, resets, traj, grad, threads=None):
+        """numpy: (d_u, d_params, d_bias, d_h0 or None) of the trajectory's loss given grad = dL/dtraj."""
+        u, params, bias, h0, traj, grad = _same_dtype_contiguous(u, params, bias, h0, traj, grad)
+        resets = None if resets is None else np.ascontiguousarray(resets, dtype=np.uint8)
+        batch, steps, gates, channels = u.shape
+        d_u, d_params = np.empty_like(u), np.empty_like(params)
+        d_bias = np.empty((gates, channels), dtype=u.dtype)
+        d_h0 = None if h0 is None else np.empty_like(h0)
+        self.backward(u.dtype.name, *_addresses(u, params, bias, h0, resets, traj, grad, d_u, d_params, d_bias, d_h0),
+                      batch, steps, channels, threads or default_threads())
+        return d_u, d_params, d_bias, d_h0
+
+
+def _same_dtype_contiguous(first, *rest):
+    first = np.ascontiguousarray(first)
+    if first.dtype not in (np.float32, np.float64):
+        first = first.astype(np.float32)
+    return (first, *(None if a is None else np.ascontiguousarray(a, dtype=first.dtype) for a in rest))
+
+
+def _addresses(*arrays):
+    return [None if a is None else a.ctypes.data for a in arrays]
+
+
+def default_threads() -> int:
+    """Cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
 
 
 _loaded: dict[str, CpuLibrary] = {}

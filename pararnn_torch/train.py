@@ -358,7 +358,8 @@ def write_loss_curve(history: History, path: Path):
     plt.close(fig)
 
 
-def main(argv=None):
+def run(argv=None) -> dict:
+    """Parse the command line and train; returns the final step, losses, speed and folder."""
     args = build_parser().parse_args(argv)
     result = train(args)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -371,5 +372,10 @@ def main(argv=None):
     return result
 
 
+def main(argv=None) -> int:
+    run(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Weight conversion between pararnn_torch, pararnn_mlx and Apple ml-pararnn checkpoints (``pararnn-convert``)."""

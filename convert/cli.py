@@ -1,0 +1,55 @@
+"""``pararnn-convert``: to-mlx (torch folder -> MLX folder, optional quantization), from-apple."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pararnn-convert", description="Convert ParaRNN checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("to-mlx", help="torch checkpoint folder -> MLX checkpoint folder (mlx-lm layout)")
+    m.add_argument("--model", required=True, help="source checkpoint folder (from pararnn-train)")
+    m.add_argument("--out", required=True, help="destination folder")
+    m.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    m.add_argument("-q", "--quantize", action="store_true", help="quantize linear and embedding layers")
+    m.add_argument("--q-bits", type=int, choices=(4, 8), default=4)
+    m.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64)
+    m.add_argument("--tokenizer", help="a Hugging Face tokenizer.json to ship instead of the source's")
+    m.add_argument("--force", action="store_true", help="overwrite --out")
+    a = sub.add_parser("from-apple", help="Apple ml-pararnn cell tensors (.pt/.safetensors) -> our layer weights")
+    a.add_argument("--checkpoint", required=True, help="file with A/B/b (and C for the LSTM) tensors")
+    a.add_argument("--out", required=True, help="destination folder")
+    a.add_argument("--num-heads", type=int, default=1, help="heads of the cells' input projection")
+    a.add_argument("--cell", choices=("gru", "lstm"), help="cell type (default: lstm when C is present, else gru)")
+    a.add_argument("--force", action="store_true", help="overwrite --out")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "to-mlx":
+            from convert.to_mlx import to_mlx
+
+            summary = to_mlx(
+                args.model, args.out, args.dtype, args.quantize, args.q_bits, args.q_group_size,
+                args.tokenizer, args.force,
+            )
+            quant = f", {args.q_bits}-bit quantized (group {args.q_group_size})" if args.quantize else ""
+            print(f"converted {args.model} -> MLX ({args.dtype}{quant})")
+        else:
+            from convert.from_apple import from_apple
+
+            summary = from_apple(args.checkpoint, args.out, args.num_heads, args.cell, args.force)
+            print(f"imported Apple ml-pararnn cells from {args.checkpoint}")
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.describe())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,7 +16,7 @@ from setuptools import setup
 
 CPU_SOURCES = ["csrc/scan_ops.cpp", "csrc/scan_cpu.cpp"]
 CUDA_SOURCES = ["csrc/scan_cuda_glue.cpp", "csrc/scan_cuda.cu"]
-CXX_FLAGS = ["-O3", "-std=c++17"]
+CXX_FLAGS = ["-O3"]  # the C++ standard is the one torch requires (C++17 or 20), set by cpp_extension
 
 
 def _say(message: str) -> None:
@@ -41,7 +41,7 @@ def _extension_build():
         ext = cpp_extension.CUDAExtension(
             "pararnn_torch._C",
             CPU_SOURCES + CUDA_SOURCES,
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": ["-O3"]},
         )
     else:
         reason = "torch is a CPU build" if not torch.version.cuda else "CUDA_HOME/nvcc not found"

@@ -14,6 +14,10 @@ if _ext.loaded():
         # shape/dtype propagation for torch.compile and meta tensors: h has the layout of b
         return torch.empty_like(b, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("pararnn::scan_entries")
+    def _scan_entries_fake(A, b, reverse=False):
+        return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in b]
+
 
 def scan(A: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, reverse: bool = False) -> torch.Tensor:
     """Structured linear scan in native code.
@@ -40,6 +44,9 @@ def _block_tensor(A_nested) -> torch.Tensor:
 
 def _solver(reverse: bool):
     def solve(A_nested, b_list):
+        if b_list[0].device.type == "cpu":
+            # the CPU kernel reads the block entries in place: no stacking copy
+            return torch.ops.pararnn.scan_entries([a for row in A_nested for a in row], b_list, reverse)
         b = b_list[0].unsqueeze(2) if len(b_list) == 1 else torch.stack(b_list, 2)
         return list(scan(_block_tensor(A_nested), b, None, reverse).unbind(2))
 

@@ -69,6 +69,17 @@ def test_out_variant_and_bad_input_messages():
         scan(torch.zeros(1, 2, 5, 5, 3), torch.zeros(1, 2, 5, 3))
 
 
+def test_scan_entries_reads_separate_block_entries():
+    A, b, _ = random_scan_inputs(2, 45, 2, 70, np.float32, False)
+    entries = [torch.from_numpy(A[:, :, i, j].copy()) for i in range(2) for j in range(2)]
+    rhs = [torch.from_numpy(b[:, :, i].copy()) for i in range(2)]
+    for reverse in (False, True):
+        got = torch.stack(torch.ops.pararnn.scan_entries(entries, rhs, reverse), 2).numpy()
+        assert np.abs(got - reference_scan(A, b, None, reverse)).max() <= tolerance(np.float32, 45)
+    with pytest.raises(RuntimeError, match="K\\*K = 4"):
+        torch.ops.pararnn.scan_entries(entries[:3], rhs)
+
+
 def test_scan_compiles_with_torch_compile():
     A, b, h0 = (torch.from_numpy(x) for x in random_scan_inputs(2, 33, 2, 6, np.float32, True))
 

@@ -21,15 +21,16 @@ UNIFORM_BYTES = math.log(256)
 def build_parser():
     p = argparse.ArgumentParser(prog="pararnn-demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="folder for the torch and MLX checkpoints")
-    p.add_argument("--steps", type=int, default=400, help="training steps")
+    p.add_argument("--steps", type=int, default=300, help="training steps")
     p.add_argument("--cell", default="gru")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--prompt", default="def __init__(self")
+    p.add_argument("--prompt", default="import os\n")
     p.add_argument("--max-tokens", type=int, default=300)
-    p.add_argument("--temp", type=float, default=0.5)
+    p.add_argument("--temp", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     model, tokenizer = load(mlx_dir)
     print(args.prompt, end="", flush=True)
     last = None
-    for last in stream(model, tokenizer, args.prompt, args.max_tokens, temp=args.temp, seed=args.seed):
+    for last in stream(model, tokenizer, args.prompt, args.max_tokens, args.temp, args.top_p, args.seed):
         print(last.text, end="", flush=True)
     print("\n")
 

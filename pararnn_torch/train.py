@@ -212,7 +212,7 @@ def train(args) -> dict:
     train_docs, eval_docs = data_mod.split_documents(docs, args.eval_fraction)
     train_set = data_mod.PackedSequences(*data_mod.pack(train_docs, tokenizer), args.seq_len, args.seed)
     eval_set = data_mod.PackedSequences(*data_mod.pack(eval_docs, tokenizer), args.seq_len, args.seed)
-    eval_batches = eval_set.eval_batches(max(1, args.batch_size // ddp.world), args.eval_batches)
+    eval_batches = eval_set.eval_batches(args.batch_size, args.eval_batches)  # rank 0 evaluates them all
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "cell." not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "cell." not in n)]

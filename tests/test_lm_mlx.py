@@ -1,0 +1,177 @@
+"""MLX LM: torch parity on one checkpoint, prefill + decode, identical greedy tokens in torch, pararnn-generate
+and mlx_lm.generate, quantized conversion, conversion and generation errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+from convert.cli import main as convert_main  # noqa: E402
+from pararnn_mlx.generate import main as generate_main  # noqa: E402
+from pararnn_mlx.loader import load  # noqa: E402
+from tests.lm_helpers import tiny_checkpoint  # noqa: E402
+
+PROMPT = "def add(a, b):"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A torch checkpoint and its float32 MLX conversion."""
+    root = tmp_path_factory.mktemp("lm")
+    model = tiny_checkpoint(root / "torch", cell="lstm")
+    args = ["to-mlx", "--model", str(root / "torch"), "--out", str(root / "mlx"), "--dtype", "float32"]
+    assert convert_main(args) == 0
+    return model, root
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_torch_and_mlx_logits_match(tmp_path, cell):
+    model = tiny_checkpoint(tmp_path / "ck", cell=cell, tie_embeddings=cell == "gru")
+    mlx_model, _ = load(tmp_path / "ck")
+    tokens = np.random.default_rng(0).integers(0, 258, (2, 300))
+    expected = model(torch.from_numpy(tokens)).detach().numpy()
+    got = np.array(mlx_model(mx.array(tokens)))
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_prefill_then_decode_equals_full_forward(folders):
+    _, root = folders
+    model, _ = load(root / "mlx")
+    tokens = mx.array(np.random.default_rng(1).integers(0, 258, (2, 120)))
+    full = np.array(model(tokens))
+    cache = model.make_cache()
+    model(tokens[:, :80], cache=cache)
+    stepped = [np.array(model(tokens[:, t : t + 1], cache=cache)) for t in range(80, 120)]
+    assert np.abs(np.concatenate(stepped, 1) - full[:, 80:]).max() < 1e-5
+
+
+def _torch_greedy(model, tokenizer, n):
+    ids = model.generate_greedy(torch.tensor(tokenizer.encode(PROMPT)), n)
+    eos = model.config.eos_token_id
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def test_greedy_tokens_identical_in_torch_pararnn_generate_and_mlx_lm(folders, capsys):
+    from mlx_lm import generate as mlx_lm_generate
+
+    from pararnn_core.tokenizer import TextTokenizer
+
+    torch_model, root = folders
+    expected = _torch_greedy(torch_model, TextTokenizer.bytes(), 50)
+    model, tokenizer = load(root / "mlx")
+    ours = list(_stream_tokens(model, tokenizer, 50))
+    assert ours == expected
+    text = mlx_lm_generate(model, tokenizer, PROMPT, max_tokens=50)
+    assert text == TextTokenizer.bytes().decode([t for t in expected if t < 256])
+    # the command lines: pararnn-generate and mlx_lm.generate --trust-remote-code print the same text
+    assert generate_main(["--model", str(root / "mlx"), "--prompt", PROMPT, "--max-tokens", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(text) and "Generation:" in printed and "Peak memory:" in printed
+    cli = subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "generate", "--model", str(root / "mlx"), "--trust-remote-code",
+         "--prompt", PROMPT, "--max-tokens", "50", "--verbose", "True"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert text in cli.stdout
+
+
+def _stream_tokens(model, tokenizer, n):
+    from pararnn_mlx.generate import stream
+
+    for response in stream(model, tokenizer, PROMPT, n):
+        yield response.token
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_model_loads_and_generates(tmp_path, bits):
+    tiny_checkpoint(tmp_path / "torch", d_model=64, num_heads=1, mlp_size=128)
+    out = tmp_path / "q"
+    args = ["to-mlx", "--model", str(tmp_path / "torch"), "--out", str(out), "-q", "--q-bits", str(bits),
+            "--q-group-size", "32"]
+    assert convert_main(args) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": bits, "mode": "affine"}
+    assert config["model_file"] == "pararnn_model.py" and (out / "pararnn_model.py").is_file()
+    model, tokenizer = load(out)
+    assert type(model.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
+    assert type(model.embed).__name__ == "QuantizedEmbedding"
+    float_model, _ = load(tmp_path / "torch")
+    tokens = mx.array([list(PROMPT.encode())])
+    error = np.abs(np.array(model(tokens)) - np.array(float_model(tokens))).max()
+    assert error < (0.5 if bits == 4 else 0.05)
+    assert len(list(_stream_tokens(model, tokenizer, 20))) >= 1
+
+
+def test_convert_refuses_overwrite_and_bad_sources(folders, tmp_path, capsys):
+    _, root = folders
+    before = (root / "mlx" / "model.safetensors").read_bytes()
+    assert convert_main(["to-mlx", "--model", str(root / "torch"), "--out", str(root / "mlx")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (root / "mlx" / "model.safetensors").read_bytes() == before
+    assert convert_main(["to-mlx", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    # wrong vocab: a tokenizer larger than the model's embedding
+    from tokenizers import Tokenizer, models
+
+    big = Tokenizer(models.WordLevel({f"w{i}": i for i in range(400)}, unk_token="w0"))
+    big.save(str(tmp_path / "tokenizer.json"))
+    args = ["to-mlx", "--model", str(root / "torch"), "--out", str(tmp_path / "o"), "--tokenizer",
+            str(tmp_path / "tokenizer.json")]
+    assert convert_main(args) == 2
+    assert "400 tokens but the model's vocab_size is 258" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_generate_rejects_bad_requests(folders, tmp_path, capsys):
+    _, root = folders
+    assert generate_main(["--model", str(root / "mlx"), "--prompt", "", "--max-tokens", "5"]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert generate_main(["--model", str(root / "mlx"), "--prompt", "x", "--max-tokens", "0"]) == 2
+    assert "--max-tokens must be at least 1" in capsys.readouterr().err
+    assert generate_main(["--model", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_user_tokenizer_is_carried_through_conversion(folders, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    _, root = folders
+    vocab = {chr(c): i for i, c in enumerate(range(32, 127))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=" "))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    out = tmp_path / "o"
+    assert convert_main(["to-mlx", "--model", str(root / "torch"), "--out", str(out), "--tokenizer",
+                         str(tmp_path / "tokenizer.json")]) == 0
+    assert json.loads((out / "tokenizer.json").read_text())["model"]["type"] == "WordLevel"
+    model, tokenizer = load(out)
+    assert tokenizer.encode("ab") == [vocab["a"], vocab["b"]]
+
+
+def test_from_apple_import_matches_the_layer(tmp_path, capsys):
+    from pararnn_torch import ParaLSTM
+
+    torch.manual_seed(0)
+    n, d, h = 8, 6, 2
+    apple = {"rnn.A": torch.randn(3, n), "rnn.B": torch.randn(h, d // h, 3, n // h), "rnn.b": torch.randn(3, n),
+             "rnn.C": torch.randn(2, n)}
+    torch.save(apple, tmp_path / "apple.pt")
+    args = ["from-apple", "--checkpoint", str(tmp_path / "apple.pt"), "--out", str(tmp_path / "o"), "--num-heads", "2"]
+    assert convert_main(args) == 0
+    assert "3 tensors" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "o" / "model.safetensors"))
+    reference = ParaLSTM.from_apple_state_dict(apple, num_heads=2)
+    for name in ("weight", "bias", "recurrent"):
+        assert torch.equal(weights[f"rnn.{name}"], getattr(reference, name).detach())
+    assert convert_main(args) == 2  # exists, no --force

@@ -46,7 +46,7 @@ def run_mode(mode: str, cell, u, recurrent, h0, resets, config):
     if mode == "parallel":
         return solve_newton(cell, u, recurrent, h0, resets, config, ScanPair(), mode)
     if mode == "fused":
-        return solve_fused(cell, u, recurrent, h0, resets)
+        return solve_fused(cell, u, recurrent, h0, resets, config)
     if mode == "kernel" and metal_scan.unavailable_reason() is None:
         return solve_newton(cell, u, recurrent, h0, resets, config, metal_scan.native_scan_pair(), mode)
     reason = unavailable_modes(mx.default_device(), cell).get(mode, "unknown mode")

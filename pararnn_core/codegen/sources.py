@@ -110,3 +110,22 @@ def cell_sources(cell: str | Cell) -> CellSources:
         for target, text in render(cell).items():
             write_atomic(paths[target], text)
     return CellSources(cell.name, digest, paths)
+
+
+def metal_kernel_sources(cell: str | Cell) -> tuple[str, str, str]:
+    """(header, forward body, adjoint body) of the fused Metal kernels of ``cell`` for mx.fast.metal_kernel.
+
+    The header joins the math prelude, the generated cell struct (as ``Cell``)
+    and the affine-map helpers; the bodies are metal/fused_forward.metal and
+    metal/fused_adjoint.metal unchanged.
+    """
+    sources = cell_sources(cell)
+    header = "\n".join(
+        [
+            (METAL_DIR / "fused_math.metal").read_text(),
+            sources.text("metal"),
+            f"typedef {sources.struct_name} Cell;",
+            (METAL_DIR / "fused_header.metal").read_text(),
+        ]
+    )
+    return header, (METAL_DIR / "fused_forward.metal").read_text(), (METAL_DIR / "fused_adjoint.metal").read_text()

@@ -14,3 +14,8 @@ __all__ = [
     "SolveInfo",
     "unavailable_modes",
 ]
+
+# language-model checkpoints: pararnn_mlx.load(path) -> (model, tokenizer), usable with mlx_lm.generate
+from pararnn_mlx.loader import load  # noqa: E402
+
+__all__ += ["load"]

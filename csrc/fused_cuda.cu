@@ -1,65 +1,8 @@
-// Fused CUDA kernels of the built-in cells: extern "C" launchers over raw pointers (no torch headers).
-//
-// One launcher pair per (cell, IO dtype): f32, f64, f16 and bf16 (fp16/bf16 computed in fp32).
-// Cells other than the built-ins are instantiated the same way from their generated
-// source (pararnn_core.codegen.cell_sources(cell).text("cuda")).
-#include <cuda_runtime.h>
-
-#include "fused_kernels.cuh"
+// Fused CUDA kernels of the built-in cells (launchers: fused_cuda_launch.cuh).
+#include "fused_cuda_launch.cuh"
 #include "generated/gru_cell.cuh"
 #include "generated/lstm_cell.cuh"
 #include "generated/mgu_cell.cuh"
-
-namespace {
-
-// 64 threads x 8 steps: tiles of 512 steps with the chunk in registers
-constexpr int kThreads = 64;
-constexpr int kChunk = 8;
-
-template <class Cell, typename TI, typename TC>
-cudaError_t launch_forward(const TI* u, const TI* params, const TI* bias, const TI* h0, const uint8_t* resets, TI* traj,
-                           int* iterations, int64_t batch, int64_t steps, int64_t channels, int max_its, double tol,
-                           cudaStream_t stream) {
-    if (batch * channels == 0 || steps == 0) return cudaSuccess;
-    pararnn_fused::fused_newton_forward<Cell, TI, TC, kThreads, kChunk>
-        <<<static_cast<unsigned>(batch * channels), kThreads, 0, stream>>>(
-            u, params, bias, h0, resets, traj, iterations, batch, steps, channels, max_its, static_cast<TC>(tol));
-    return cudaGetLastError();
-}
-
-template <class Cell, typename TI, typename TC>
-cudaError_t launch_adjoint(const TI* u, const TI* params, const TI* bias, const TI* h0, const uint8_t* resets,
-                           const TI* traj, const TI* grad, TI* du, TI* dparams, TI* dbias, TI* dh0, int64_t batch,
-                           int64_t steps, int64_t channels, cudaStream_t stream) {
-    if (channels == 0) return cudaSuccess;
-    pararnn_fused::fused_adjoint<Cell, TI, TC, kThreads, kChunk><<<static_cast<unsigned>(channels), kThreads, 0, stream>>>(
-        u, params, bias, h0, resets, traj, grad, du, dparams, dbias, dh0, batch, steps, channels);
-    return cudaGetLastError();
-}
-
-}  // namespace
-
-#define PR_FUSED_CUDA_ENTRY(NAME, CELL, SUFFIX, TI, TC)                                                           \
-    extern "C" cudaError_t pr_fused_cuda_forward_##NAME##_##SUFFIX(                                               \
-        const TI* u, const TI* params, const TI* bias, const TI* h0, const uint8_t* resets, TI* traj,             \
-        int* iterations, int64_t batch, int64_t steps, int64_t channels, int max_its, double tol,                \
-        cudaStream_t stream) {                                                                                     \
-        return launch_forward<CELL, TI, TC>(u, params, bias, h0, resets, traj, iterations, batch, steps,          \
-                                            channels, max_its, tol, stream);                                       \
-    }                                                                                                              \
-    extern "C" cudaError_t pr_fused_cuda_adjoint_##NAME##_##SUFFIX(                                               \
-        const TI* u, const TI* params, const TI* bias, const TI* h0, const uint8_t* resets, const TI* traj,       \
-        const TI* grad, TI* du, TI* dparams, TI* dbias, TI* dh0, int64_t batch, int64_t steps, int64_t channels,  \
-        cudaStream_t stream) {                                                                                     \
-        return launch_adjoint<CELL, TI, TC>(u, params, bias, h0, resets, traj, grad, du, dparams, dbias, dh0,     \
-                                            batch, steps, channels, stream);                                       \
-    }
-
-#define PR_FUSED_CUDA_CELL(NAME, CELL)                          \
-    PR_FUSED_CUDA_ENTRY(NAME, CELL, f32, float, float)          \
-    PR_FUSED_CUDA_ENTRY(NAME, CELL, f64, double, double)        \
-    PR_FUSED_CUDA_ENTRY(NAME, CELL, f16, __half, float)         \
-    PR_FUSED_CUDA_ENTRY(NAME, CELL, bf16, __nv_bfloat16, float)
 
 PR_FUSED_CUDA_CELL(gru, pr_cell_gru)
 PR_FUSED_CUDA_CELL(lstm, pr_cell_lstm)

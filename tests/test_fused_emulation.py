@@ -132,10 +132,14 @@ def _cuda_home():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or _cuda_home() is None, reason="nvcc / CUDA toolkit not installed")
 def test_fused_cuda_sources_compile_with_nvcc(tmp_path):
-    """csrc/fused_cuda.cu (every built-in cell, fp32/fp64/fp16/bf16) compiles for sm_80 and sm_90."""
+    """csrc/fused_cuda.cu (built-in cells) plus the test-local cell, fp32/fp64/fp16/bf16, for sm_80 and sm_90."""
+    user = PeepholeCell()
+    unit = tmp_path / "fused_all.cu"
+    instantiate = f"PR_FUSED_CUDA_CELL({user.name}, pr_cell_{user.name})"
+    unit.write_text(f'#include "fused_cuda.cu"\n{cell_sources(user).text("cuda")}\n{instantiate}\n')
     out = subprocess.run(
         ["nvcc", "-c", "-std=c++17", "-O3", f"-I{CSRC}", "-gencode=arch=compute_80,code=sm_80",
-         "-gencode=arch=compute_90,code=sm_90", str(CSRC / "fused_cuda.cu"), "-o", str(tmp_path / "fused_cuda.o")],
+         "-gencode=arch=compute_90,code=sm_90", str(unit), "-o", str(tmp_path / "fused_all.o")],
         capture_output=True, text=True, timeout=900, env={**os.environ, "CUDA_HOME": _cuda_home()},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-4000:]

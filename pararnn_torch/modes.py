@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from pararnn_core.layer_spec import check_mode
 from pararnn_torch import _ext
 from pararnn_torch.fused import fused_unavailable_reason, solve_fused
@@ -32,6 +34,9 @@ def resolve_mode(mode: str, device, cell=None) -> str:
     return mode
 
 
+# torch.compile traces around the solve instead of into it: Newton's data-dependent
+# stopping and the autograd.Function's Python state make dynamo recurse without end
+@torch.compiler.disable
 def run_mode(mode: str, cell, u, recurrent, h0, resets, config, bias=None):
     """Solve with a resolved mode; returns (trajectory [B, T, K, N], SolveInfo).
 

@@ -130,3 +130,19 @@ def test_native_scan_pair_matches_framework_block_scan():
     for reverse, solve in ((False, pair.forward), (True, pair.reverse)):
         for got, want in zip(solve(A_nested, b_list), block_scan(ops, A_nested, b_list, reverse=reverse)):
             torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_of_a_layer_in_kernel_mode():
+    torch.manual_seed(0)
+    layer = ParaLSTM(6, 16, mode="kernel")
+    x = torch.randn(2, 40, 6)
+    compiled = torch.compile(layer, backend="aot_eager")
+    y = compiled(x)
+    y.sin().sum().backward()
+    compiled_grad = layer.weight.grad.clone()
+    layer.zero_grad()
+    eager = layer(x)
+    eager.sin().sum().backward()
+    torch.testing.assert_close(y, eager)
+    torch.testing.assert_close(compiled_grad, layer.weight.grad)
+    assert layer.last_solve.mode == "kernel"

@@ -20,8 +20,9 @@ from pararnn_core.newton import SolveInfo
 
 # libraries by definition hash: the ops take the hash, since a custom op cannot take a Python object
 _libraries: dict = {}
-# hash per cell instance, so a forward pays for neither sympy nor hashing
+# hash (or the reason it cannot be built) per cell instance, so a forward pays for neither sympy nor hashing
 _keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_failures: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _library_for(cell: Cell):
@@ -39,13 +40,18 @@ def fused_unavailable_reason(cell: Cell | None, device) -> str | None:
     device = torch.device(device if device is not None else "cpu")
     if device.type != "cpu":
         return f"the fused kernels of this build run on the CPU only (input on {device}); use mode='parallel'"
+    if cell is not None and cell in _failures:
+        return _failures[cell]
     try:
         if cell is None:
             compiler()
         else:
             _library_for(cell)
     except (CodegenError, NativeBuildError) as exc:
-        return f"{exc} (use mode='parallel' or 'sequential')"
+        reason = f"{exc} (use mode='parallel' or 'sequential')"
+        if cell is not None:
+            _failures[cell] = reason
+        return reason
     return None
 
 

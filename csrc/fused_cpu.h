@@ -13,8 +13,7 @@
 // The state components of one time step and of h0 share the stride N, so "the
 // previous state" is one pointer either way.
 //
-// Threads are std::thread (no OpenMP: Apple clang has none, and a second
-// OpenMP runtime next to torch's would oversubscribe the cores).
+// Threads: OpenMP when the compiler has it, else std::thread (see parallel_items).
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -29,11 +28,18 @@ namespace pararnn_fused {
 // channels per work item: a few SIMD registers per row, small enough to split N=256 over cores
 constexpr int64_t kLanes = 64;
 
-// Work items are handed out one at a time from a shared counter: when another
-// process holds a core, the other threads take over its share instead of waiting.
+// Work items are handed out one at a time, so when another process holds a core the other threads take
+// over its share instead of waiting. With OpenMP (g++ -fopenmp) the items run on the OpenMP thread pool:
+// inside a torch process that is torch's own libgomp pool (same soname, loaded once), so the sweep does
+// not fight torch's spinning workers for the cores right after a matmul. Without OpenMP (Apple clang),
+// std::thread.
 template <typename Fn>
 void parallel_items(int64_t items, int threads, Fn&& fn) {
     threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t i = 0; i < items; ++i) fn(i);
+#else
     std::atomic<int64_t> next{0};
     auto run = [&] {
         for (int64_t i = next++; i < items; i = next++) fn(i);
@@ -43,6 +49,7 @@ void parallel_items(int64_t items, int threads, Fn&& fn) {
     for (int w = 1; w < threads; ++w) pool.emplace_back(run);
     run();
     for (auto& t : pool) t.join();
+#endif
 }
 
 template <typename T>

@@ -27,6 +27,8 @@ _KERNEL_HEADERS = ("fused_cpu.h", "fused_math_cpu.h")
 # -ffp-contract=fast lets FMAs form; no -ffast-math, so results stay IEEE within the polynomial errors
 _BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-ffp-contract=fast")
 _NATIVE_FLAGS = ("-march=native",)
+# libgomp: in a torch process it is torch's own runtime (same soname), so both share one thread pool
+_OPENMP_FLAGS = ("-fopenmp",)
 _DTYPES = {"float32": "f32", "float64": "f64"}
 
 
@@ -67,7 +69,8 @@ def _compile(unit: str, output: Path):
         src, lib = Path(tmp) / "kernels.cpp", Path(tmp) / "kernels.so"
         src.write_text(unit)
         errors = ""
-        for extra in (_NATIVE_FLAGS, ()):  # -march=native where the compiler knows it, portable otherwise
+        # -march=native and OpenMP where the compiler has them, portable fallbacks otherwise
+        for extra in (_NATIVE_FLAGS + _OPENMP_FLAGS, _OPENMP_FLAGS, _NATIVE_FLAGS, ()):
             cmd = [cxx, *_BASE_FLAGS, *extra, str(src), "-o", str(lib)]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode == 0:
@@ -171,7 +174,7 @@ def load_cpu_library(cell) -> CpuLibrary:
     sources = cell_sources(cell)
     unit = _translation_unit(sources)
     cxx, version = compiler()
-    fingerprint = [unit, sources.text("cpp"), version, " ".join(_BASE_FLAGS + _NATIVE_FLAGS)]
+    fingerprint = [unit, sources.text("cpp"), version, " ".join(_BASE_FLAGS + _NATIVE_FLAGS + _OPENMP_FLAGS)]
     fingerprint += [(CSRC_DIR / h).read_text() for h in _KERNEL_HEADERS]
     key = hashlib.sha256("\0".join(fingerprint).encode()).hexdigest()[:16]
     with _lock:

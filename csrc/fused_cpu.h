@@ -25,8 +25,9 @@
 
 namespace pararnn_fused {
 
-// channels per work item: a few SIMD registers per row, small enough to split N=256 over cores
-constexpr int64_t kLanes = 64;
+// channels per work item: 8 AVX-512 / 16 AVX2 vectors of independent work per time step (latency hiding),
+// still 8 work items at B=4, N=256 for the cores to share
+constexpr int64_t kLanes = 128;
 
 // Work items are handed out one at a time, so when another process holds a core the other threads take
 // over its share instead of waiting. With OpenMP (g++ -fopenmp) the items run on the OpenMP thread pool:

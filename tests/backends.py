@@ -16,6 +16,7 @@ HAVE_MLX = importlib.util.find_spec("mlx") is not None
 
 class TorchBackend:
     name = "torch"
+    float64_cross_path_atol = 1e-10
 
     def __init__(self):
         import torch

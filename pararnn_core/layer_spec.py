@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 from pararnn_core.cell import Cell, Constant, Normal, Timescales, get_cell
+from pararnn_core.newton import NewtonConfig
 
 MODES = ("auto", "sequential", "parallel", "kernel", "fused")
 
@@ -125,6 +126,50 @@ class LayerSpec:
             raise ValueError(f"resets must have shape [batch, time] = {(batch, length)}, got {tuple(shape)}")
         if not is_bool:
             raise ValueError("resets must be a boolean mask (True where a new sequence starts)")
+
+
+class RecurrentLayerConfig:
+    """Configuration shared by the torch and MLX layers (a mixin: no framework code).
+
+    Holds the layout (``spec``, ``cell``), the validated ``mode``, the Newton
+    settings and the last solve's diagnostics, so both backends expose them alike.
+    """
+
+    def _configure(self, cell, input_size, hidden_size, num_heads, mode, newton):
+        self.spec = LayerSpec.build(get_cell(cell), input_size, hidden_size, num_heads)
+        self.cell = self.spec.cell
+        self.mode = mode
+        if newton is not None and not isinstance(newton, NewtonConfig):
+            raise TypeError(f"newton must be a NewtonConfig, got {type(newton).__name__}")
+        self.newton = newton or NewtonConfig()
+        self.last_solve = None
+
+    @property
+    def input_size(self) -> int:
+        return self.spec.input_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.spec.hidden_size
+
+    @property
+    def num_heads(self) -> int:
+        return self.spec.num_heads
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value):
+        check_mode(value, {})
+        self._mode = value
+
+    def describe(self) -> str:
+        return (
+            f"cell={self.cell.name}, input_size={self.input_size}, hidden_size={self.hidden_size}, "
+            f"num_heads={self.num_heads}, mode={self.mode!r}"
+        )
 
 
 def check_mode(mode, unavailable: dict[str, str]) -> str:

@@ -11,9 +11,9 @@ import functools
 import mlx.core as mx
 import mlx.nn as nn
 
-from pararnn_core.cell import Cell, get_cell
-from pararnn_core.layer_spec import PROJECTION_EINSUM, LayerSpec, check_mode, from_apple_tensors
-from pararnn_core.newton import NewtonConfig, SolveInfo, step_fn
+from pararnn_core.cell import Cell
+from pararnn_core.layer_spec import PROJECTION_EINSUM, RecurrentLayerConfig, from_apple_tensors
+from pararnn_core.newton import NewtonConfig, step_fn
 from pararnn_mlx.modes import resolve_mode, run_mode
 from pararnn_mlx.ops import from_numpy, ops
 
@@ -36,7 +36,7 @@ def _init_rows(rows, size, dtype):
     return mx.stack(out, 0).astype(dtype) if out else mx.zeros((0, size), dtype=dtype)
 
 
-class ParaRNN(nn.Module):
+class ParaRNN(RecurrentLayerConfig, nn.Module):
     """A recurrent layer over any cell, trained in parallel along the sequence.
 
     ``layer(x)`` maps x [B, T, input_size] to y [B, T, hidden_size]; with
@@ -62,8 +62,7 @@ class ParaRNN(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        self.spec = LayerSpec.build(get_cell(cell), input_size, hidden_size, num_heads)
-        self.cell = self.spec.cell
+        self._configure(cell, input_size, hidden_size, num_heads, mode, newton)
         if dtype is not None and not isinstance(dtype, mx.Dtype):
             raise TypeError(f"dtype must be an mlx.core.Dtype such as mx.float32, got {dtype!r}")
         dtype = dtype or mx.float32
@@ -71,40 +70,10 @@ class ParaRNN(nn.Module):
         self.weight = mx.zeros(shapes["weight"], dtype=dtype)
         self.bias = mx.zeros(shapes["bias"], dtype=dtype)
         self.recurrent = mx.zeros(shapes["recurrent"], dtype=dtype)
-        self.mode = mode
-        if newton is not None and not isinstance(newton, NewtonConfig):
-            raise TypeError(f"newton must be a NewtonConfig, got {type(newton).__name__}")
-        self.newton = newton or NewtonConfig()
-        self.last_solve: SolveInfo | None = None
         self.reset_parameters()
 
-    # -- configuration -------------------------------------------------------
-    @property
-    def input_size(self) -> int:
-        return self.spec.input_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.spec.hidden_size
-
-    @property
-    def num_heads(self) -> int:
-        return self.spec.num_heads
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @mode.setter
-    def mode(self, value):
-        check_mode(value, {})
-        self._mode = value
-
     def _extra_repr(self) -> str:
-        return (
-            f"cell={self.cell.name}, input_size={self.input_size}, hidden_size={self.hidden_size}, "
-            f"num_heads={self.num_heads}, mode={self.mode!r}"
-        )
+        return self.describe()
 
     def reset_parameters(self):
         """Paper App. C: Kaiming-uniform projection, small Gaussian recurrent

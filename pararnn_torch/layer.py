@@ -5,16 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pararnn_core.cell import get_cell
-from pararnn_core.layer_spec import PROJECTION_EINSUM, LayerSpec, check_mode, from_apple_tensors
-from pararnn_core.newton import NewtonConfig, SolveInfo, step_fn
+from pararnn_core.layer_spec import PROJECTION_EINSUM, RecurrentLayerConfig, from_apple_tensors
+from pararnn_core.newton import NewtonConfig, step_fn
 from pararnn_torch.modes import resolve_mode, run_mode, unavailable_modes
 from pararnn_torch.ops import ops
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class ParaRNN(nn.Module):
+class ParaRNN(RecurrentLayerConfig, nn.Module):
     """A recurrent layer over any cell, trained in parallel along the sequence.
 
     ``forward(x)`` maps x [B, T, input_size] to y [B, T, hidden_size]; with
@@ -39,47 +38,16 @@ class ParaRNN(nn.Module):
         dtype=None,
     ):
         super().__init__()
-        self.spec = LayerSpec.build(get_cell(cell), input_size, hidden_size, num_heads)
-        self.cell = self.spec.cell
+        self._configure(cell, input_size, hidden_size, num_heads, mode, newton)
         shapes = self.spec.param_shapes()
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(shapes["weight"], **factory))
         self.bias = nn.Parameter(torch.empty(shapes["bias"], **factory))
         self.recurrent = nn.Parameter(torch.empty(shapes["recurrent"], **factory))
-        self.mode = mode
-        if newton is not None and not isinstance(newton, NewtonConfig):
-            raise TypeError(f"newton must be a NewtonConfig, got {type(newton).__name__}")
-        self.newton = newton or NewtonConfig()
-        self.last_solve: SolveInfo | None = None
         self.reset_parameters()
 
-    # -- configuration -------------------------------------------------------
-    @property
-    def input_size(self) -> int:
-        return self.spec.input_size
-
-    @property
-    def hidden_size(self) -> int:
-        return self.spec.hidden_size
-
-    @property
-    def num_heads(self) -> int:
-        return self.spec.num_heads
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @mode.setter
-    def mode(self, value):
-        check_mode(value, {})
-        self._mode = value
-
     def extra_repr(self) -> str:
-        return (
-            f"cell={self.cell.name}, input_size={self.input_size}, hidden_size={self.hidden_size}, "
-            f"num_heads={self.num_heads}, mode={self.mode!r}"
-        )
+        return self.describe()
 
     @torch.no_grad()
     def reset_parameters(self):

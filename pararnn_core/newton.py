@@ -135,10 +135,6 @@ def chain_mask(ops, resets, like):
     return mask
 
 
-def _max_residual(ops, a, b) -> float:
-    return max(ops.max_abs(x - y) for x, y in zip(a, b))
-
-
 # ----------------------------------------------------------------------------
 
 
@@ -173,8 +169,7 @@ def newton_solve(cell: Cell, ops, gates, params, h0, resets, config: NewtonConfi
         start = [ops.zeros_like(gates[0][:, :1])] * cell.state_size
     f = step_fn(cell, ops)
     traj = list(f(start, gates, params))  # the guess h_t = f(h_0, u_t)
-    mask = chain_mask(ops, resets, gates[0])
-    k = cell.state_size
+    mask = chain_mask(ops, resets, gates[0]) if resets is not None else None
     expect_converged = False
     for it in range(config.max_its + 1):
         prev = previous_states(ops, traj, h0, resets)
@@ -183,7 +178,8 @@ def newton_solve(cell: Cell, ops, gates, params, h0, resets, config: NewtonConfi
             fval, jac = list(f(prev, gates, params)), None
         else:
             fval, jac = step_and_jacobian(cell, ops, prev, gates, params)
-        res = _max_residual(ops, fval, traj)
+        diff = [fv - h for fv, h in zip(fval, traj)]
+        res = max(ops.max_abs(d) for d in diff)
         info.residuals.append(res)
         if not math.isfinite(res):
             raise FloatingPointError(
@@ -194,15 +190,15 @@ def newton_solve(cell: Cell, ops, gates, params, h0, resets, config: NewtonConfi
             traj = fval
             break
         if jac is None:
-            fval, jac = step_and_jacobian(cell, ops, prev, gates, params)
+            _, jac = step_and_jacobian(cell, ops, prev, gates, params)
         expect_converged = _newton_predicts_convergence(info.residuals, tol)
-        jac = [[a * mask for a in row] for row in jac]
-        # linearised step: h'_t = J_t h'_{t-1} + (f_t - J_t h_{t-1})
-        rhs = [fval[i] - sum_rows(jac[i], prev) for i in range(k)]
-        new = scan(jac, rhs)
-        if config.damping != 1.0:
-            new = [h + config.damping * (n - h) for h, n in zip(traj, new)]
-        traj = new
+        # The Newton step h'_t = f_t + J_t (h'_{t-1} - h_{t-1}) as an update delta = h' - h:
+        # delta_t = J_t delta_{t-1} + (f_t - h_t). Where h_{t-1} is the given h_0 (t = 1 and
+        # resets) its delta is 0; at t = 1 the scan's zero start gives that, resets need J_t = 0.
+        if resets is not None:
+            jac = [[a * mask for a in row] for row in jac]
+        delta = scan(jac, diff)
+        traj = [h + (d if config.damping == 1.0 else config.damping * d) for h, d in zip(traj, delta)]
     if not info.converged:
         _report_failure(cell, ops, info, config, tol)
         if config.on_failure == "fallback":
@@ -219,13 +215,6 @@ def _newton_predicts_convergence(residuals, tol) -> bool:
     r = residuals[-1]
     rate = r / residuals[-2] ** 2
     return r < residuals[-2] and rate * r * r <= 0.1 * tol
-
-
-def sum_rows(row, vec):
-    out = row[0] * vec[0]
-    for a, v in zip(row[1:], vec[1:]):
-        out = out + a * v
-    return out
 
 
 def _report_failure(cell, ops, info, config, tol):
@@ -252,14 +241,18 @@ def adjoint(cell: Cell, ops, gates, params, h0, resets, traj, grads, scan=None, 
     scan = scan or (lambda A, b: block_scan(ops, A, b, reverse=True, chunk=chunk))
     prev = previous_states(ops, traj, h0, resets)
     _, jac = step_and_jacobian(cell, ops, prev, gates, params)
-    mask = chain_mask(ops, resets, gates[0])
-    # lam_t = g_t + J_{t+1}^T lam_{t+1}: shift the masked Jacobians one step back in time
-    shifted = [[ops.concat([(a * mask)[:, 1:], ops.zeros_like(a[:, :1])], 1) for a in row] for row in jac]
+    mask = chain_mask(ops, resets, gates[0]) if resets is not None else None
+    if mask is not None:
+        jac = [[a * mask for a in row] for row in jac]
+    # lam_t = g_t + J_{t+1}^T lam_{t+1}: shift the Jacobians one step back in time (J_1 drops out)
+    shifted = [[ops.concat([a[:, 1:], ops.zeros_like(a[:, :1])], 1) for a in row] for row in jac]
     lam = scan(transpose_block(shifted), list(grads))
     d_prev, d_gates, d_params = ops.vjp(step_fn(cell, ops), prev, gates, params, lam)
     d_h0 = None
     if h0 is not None:
         # d_prev at t = 1 and at resets flows into h_0; elsewhere it is already in lam
-        from_h0 = [d * (1 - mask) for d in d_prev]
-        d_h0 = [ops.sum(d, axis=1) for d in from_h0]
+        if mask is None:
+            d_h0 = [d[:, 0] for d in d_prev]
+        else:
+            d_h0 = [ops.sum(d * (1 - mask), axis=1) for d in d_prev]
     return d_gates, d_params, d_h0

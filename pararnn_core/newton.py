@@ -145,11 +145,14 @@ def sequential_solve(cell: Cell, ops, gates, params, h0, resets):
     zero = ops.zeros_like(gates[0][:, 0])
     start = list(h0) if h0 is not None else [zero] * cell.state_size
     state, outs = start, []
+    # split once: slicing step t out of the whole array in the loop costs a full-size
+    # cotangent per step in MLX's autodiff (quadratic in T)
+    steps = [ops.unstack(g, 1) for g in gates]
     for t in range(T):
         if resets is not None and t > 0:
             r = ops.expand_dims(resets[:, t], -1)
             state = [ops.where(r, s0, s) for s0, s in zip(start, state)]
-        state = list(f(state, [g[:, t] for g in gates], params))
+        state = list(f(state, [g[t] for g in steps], params))
         outs.append(state)
     return [ops.stack([o[i] for o in outs], 1) for i in range(cell.state_size)]
 

@@ -46,6 +46,10 @@ class ArrayOps:
     def concat(self, xs, axis):
         raise NotImplementedError
 
+    def unstack(self, x, axis):
+        """The slices of x along ``axis``, as a list (the inverse of ``stack``)."""
+        raise NotImplementedError
+
     def expand_dims(self, x, axis):
         raise NotImplementedError
 
@@ -112,6 +116,9 @@ class NumpyOps(ArrayOps):
 
     def concat(self, xs, axis):
         return np.concatenate(xs, axis)
+
+    def unstack(self, x, axis):
+        return list(np.moveaxis(x, axis, 0))
 
     def expand_dims(self, x, axis):
         return np.expand_dims(x, axis)

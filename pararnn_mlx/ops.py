@@ -27,6 +27,9 @@ class MLXOps(ArrayOps):
     def concat(self, xs, axis):
         return mx.concatenate(xs, axis)
 
+    def unstack(self, x, axis):
+        return [mx.squeeze(part, axis) for part in mx.split(x, x.shape[axis], axis)]
+
     def expand_dims(self, x, axis):
         return mx.expand_dims(x, axis)
 

@@ -26,6 +26,9 @@ class TorchOps(ArrayOps):
     def concat(self, xs, axis):
         return torch.cat(xs, axis)
 
+    def unstack(self, x, axis):
+        return list(x.unbind(axis))
+
     def expand_dims(self, x, axis):
         return x.unsqueeze(axis)
 

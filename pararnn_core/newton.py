@@ -139,22 +139,26 @@ def chain_mask(ops, resets, like):
 
 
 def sequential_solve(cell: Cell, ops, gates, params, h0, resets):
-    """Reference loop over time; returns the trajectory (K arrays [B, T, N])."""
+    """Reference loop over time; returns the trajectory stacked as [B, T, K, N]."""
     f = step_fn(cell, ops)
     T = gates[0].shape[1]
     zero = ops.zeros_like(gates[0][:, 0])
     start = list(h0) if h0 is not None else [zero] * cell.state_size
     state, outs = start, []
-    # split once: slicing step t out of the whole array in the loop costs a full-size
-    # cotangent per step in MLX's autodiff (quadratic in T)
+    # Split the gates once and broadcast the parameters to a step's shape once: slicing
+    # step t in the loop, or reducing a broadcast parameter's cotangent at every step,
+    # makes MLX's backward quadratic in T (memory and time)
     steps = [ops.unstack(g, 1) for g in gates]
+    params = [p + zero for p in params]
     for t in range(T):
         if resets is not None and t > 0:
             r = ops.expand_dims(resets[:, t], -1)
             state = [ops.where(r, s0, s) for s0, s in zip(start, state)]
         state = list(f(state, [g[t] for g in steps], params))
-        outs.append(state)
-    return [ops.stack([o[i] for o in outs], 1) for i in range(cell.state_size)]
+        outs.append(ops.stack(state, 1))
+    # one stack over time of per-step [B, K, N] states: stacking components and then time
+    # separately made MLX's backward quadratic in T again
+    return ops.stack(outs, 1)
 
 
 def newton_solve(cell: Cell, ops, gates, params, h0, resets, config: NewtonConfig, scan=None):
@@ -205,7 +209,7 @@ def newton_solve(cell: Cell, ops, gates, params, h0, resets, config: NewtonConfi
     if not info.converged:
         _report_failure(cell, ops, info, config, tol)
         if config.on_failure == "fallback":
-            traj = sequential_solve(cell, ops, gates, params, h0, resets)
+            traj = ops.unstack(sequential_solve(cell, ops, gates, params, h0, resets), 2)
             info.fell_back = True
     return traj, info
 

@@ -53,7 +53,10 @@ def _detached(x):
 
 
 def _unpack(u, recurrent, h0):
-    gates = [u[:, :, g] for g in range(u.shape[2])]
+    # Gates are split (one multi-output op): the sequential loop then splits them along time,
+    # and per-step slices of sliced gates would each scatter a full-size cotangent in the
+    # backward. Parameters stay slices: measured linear in T, where split rows were not.
+    gates = ops.unstack(u, 2)
     params = [recurrent[p] for p in range(recurrent.shape[0])]
     h0_list = [h0[:, k] for k in range(h0.shape[1])] if h0 is not None else None
     return gates, params, h0_list
@@ -100,5 +103,4 @@ def solve_newton(cell, u, recurrent, h0, resets, config, scans: ScanPair, mode: 
 
 def solve_sequential(cell, u, recurrent, h0, resets, config):
     gates, params, h0_list = _unpack(u, recurrent, h0)
-    traj = sequential_solve(cell, ops, gates, params, h0_list, resets)
-    return mx.stack(traj, 2), SolveInfo(mode="sequential")
+    return sequential_solve(cell, ops, gates, params, h0_list, resets), SolveInfo(mode="sequential")

@@ -77,4 +77,4 @@ def solve_sequential(cell, u, recurrent, h0, resets, config):
     gates, params, h0_list = _unpack(u, recurrent, h0)
     with torch.autocast(u.device.type, enabled=False):
         traj = sequential_solve(cell, ops, gates, params, h0_list, resets)
-    return torch.stack(traj, 2), SolveInfo(mode="sequential")
+    return traj, SolveInfo(mode="sequential")

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_env.sh
-.venv/bin/pararnn-demo "$@"
+.venv/bin/pararnn-demo --force "$@"
 .venv/bin/python -m pararnn_torch.demo

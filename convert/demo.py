@@ -21,7 +21,7 @@ UNIFORM_BYTES = math.log(256)
 def build_parser():
     p = argparse.ArgumentParser(prog="pararnn-demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="folder for the torch and MLX checkpoints")
-    p.add_argument("--steps", type=int, default=300, help="training steps")
+    p.add_argument("--steps", type=int, default=1000, help="training steps")
     p.add_argument("--cell", default="gru")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)

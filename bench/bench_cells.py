@@ -9,11 +9,9 @@ sequential reference loop) and writes bench/results/cells.json and cells.png.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from bench.timing import compare, machine_description, print_table, save_bar_plot, save_json
+from bench.timing import compare, layer_bench_parser, machine_description, print_table, save_bar_plot, save_json
 from pararnn_torch import ParaGRU, ParaLSTM
 from pararnn_torch.modes import unavailable_modes
 
@@ -34,14 +32,7 @@ def fwd_bwd(module, x, mode=None):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--length", type=int, default=2048)
-    ap.add_argument("--size", type=int, default=256, help="input size = hidden size")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
-    ap.add_argument("--modes", nargs="+", default=["sequential", "parallel", "kernel", "fused"])
-    ap.add_argument("--out", default="bench/results")
+    ap = layer_bench_parser(__doc__, CELLS, repeats=5, out="bench/results")
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)

@@ -11,25 +11,13 @@ fused mode is judged by, and writes bench/results/fused.json and fused.png.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from bench.timing import Timing, compare, machine_description, print_table, save_bar_plot, save_json
+from bench.bench_cells import fwd_bwd
+from bench.timing import Timing, compare, layer_bench_parser, machine_description, print_table, save_bar_plot, save_json
 from pararnn_torch import ParaGRU, ParaLSTM
 
 CELLS = {"gru": (ParaGRU, torch.nn.GRU), "lstm": (ParaLSTM, torch.nn.LSTM)}
-
-
-def forward_backward(module, x):
-    def run():
-        out = module(x)
-        y = out[0] if isinstance(out, tuple) else out
-        y.square().mean().backward()
-        x.grad = None
-        module.zero_grad(set_to_none=True)
-
-    return run
 
 
 def forward_only(module, x):
@@ -52,8 +40,8 @@ def measure_cell(name, batch, length, size, repeats):
     gates_buffer = torch.randn(batch * length, gates * size)
     copy_target = torch.empty_like(gates_buffer)
     variants = {
-        f"fused Para{name.upper()} fwd+bwd": forward_backward(fused, x),
-        f"torch.nn.{name.upper()} fwd+bwd": forward_backward(reference, x),
+        f"fused Para{name.upper()} fwd+bwd": fwd_bwd(fused, x),
+        f"torch.nn.{name.upper()} fwd+bwd": fwd_bwd(reference, x),
         f"fused Para{name.upper()} fwd": forward_only(fused, x),
         "projection matmul": lambda: torch.matmul(rows, weight),
         f"pass over [B,T,{gates}N]": lambda: copy_target.copy_(gates_buffer),
@@ -72,13 +60,7 @@ def measure_cell(name, batch, length, size, repeats):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--length", type=int, default=2048)
-    ap.add_argument("--size", type=int, default=256, help="input size = hidden size")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
-    ap.add_argument("--out", default="bench/results/fused")
+    ap = layer_bench_parser(__doc__, CELLS, repeats=5, out="bench/results/fused", with_modes=False)
     args = ap.parse_args(argv)
     print(f"{machine_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"B={args.batch}, T={args.length}, D=N={args.size}, float32, median of {args.repeats} interleaved runs")

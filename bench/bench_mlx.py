@@ -14,11 +14,9 @@ device of ``mlx[cpu]``; on a Mac, the GPU.
 
 from __future__ import annotations
 
-import argparse
-
 import mlx.core as mx
 
-from bench.timing import compare, machine_description, print_table, save_bar_plot, save_json
+from bench.timing import compare, layer_bench_parser, machine_description, print_table, save_bar_plot, save_json
 from pararnn_mlx import ParaGRU, ParaLSTM
 from pararnn_mlx.modes import run_mode, unavailable_modes
 
@@ -59,14 +57,7 @@ def recurrence_fwd_bwd(layer, u, mode):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--length", type=int, default=2048)
-    ap.add_argument("--size", type=int, default=256, help="input size = hidden size")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
-    ap.add_argument("--modes", nargs="+", default=["sequential", "parallel", "kernel", "fused"])
-    ap.add_argument("--out", default="bench/results")
+    ap = layer_bench_parser(__doc__, CELLS, repeats=3, out="bench/results")
     args = ap.parse_args(argv)
 
     mx.random.seed(0)

@@ -12,6 +12,7 @@ finishes its work before returning (call ``torch.cuda.synchronize()`` or
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -62,6 +63,20 @@ def print_table(results: dict[str, Timing], baseline: str | None = None, title: 
         if baseline:
             line += f" {results[baseline].median_ms / t.median_ms:>23.2f}x"
         print(line, file=file)
+
+
+def layer_bench_parser(doc: str, cells, repeats: int, out: str, with_modes: bool = True) -> argparse.ArgumentParser:
+    """The flags every layer benchmark takes (sizes default to the issues' B=4, T=2048, D=N=256)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--length", type=int, default=2048)
+    ap.add_argument("--size", type=int, default=256, help="input size = hidden size")
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--cells", nargs="+", default=list(cells), choices=list(cells))
+    if with_modes:
+        ap.add_argument("--modes", nargs="+", default=["sequential", "parallel", "kernel", "fused"])
+    ap.add_argument("--out", default=out)
+    return ap
 
 
 def machine_description() -> str:

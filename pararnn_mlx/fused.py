@@ -22,6 +22,7 @@ from pararnn_core.codegen import CodegenError, NativeBuildError, definition_hash
 from pararnn_core.codegen.native import compiler
 from pararnn_core.codegen.sources import metal_kernel_sources
 from pararnn_core.newton import NewtonConfig, SolveInfo
+from pararnn_mlx.ops import from_numpy
 
 _libraries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -72,7 +73,7 @@ def _solve_cpu(cell, u, recurrent, h0, resets):
     @mx.custom_function
     def solve(u, recurrent, *initial):
         h0 = _host(initial[0]) if initial else None
-        return mx.array(lib.sweep(_host(u), _host(recurrent), None, h0, host_resets))
+        return from_numpy(lib.sweep(_host(u), _host(recurrent), None, h0, host_resets))
 
     @solve.vjp
     def solve_vjp(primals, grad_out, out):
@@ -81,8 +82,8 @@ def _solve_cpu(cell, u, recurrent, h0, resets):
         d_u, d_rec, _, d_h0 = lib.adjoint_sweep(
             _host(u), _host(recurrent), None, h0, host_resets, _host(out), _host(grad_out)
         )
-        grads = (mx.array(d_u), mx.array(d_rec))
-        return grads + ((mx.array(d_h0),) if initial else ())
+        grads = (from_numpy(d_u), from_numpy(d_rec))
+        return grads + ((from_numpy(d_h0),) if initial else ())
 
     out = solve(u, recurrent, *(() if h0 is None else (h0,)))
     return out, SolveInfo(mode="fused")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pararnn_core.cell import Cell, Fields
@@ -69,6 +70,15 @@ class NewtonConfig:
         if self.tol is not None:
             return self.tol
         return 1e-10 if itemsize >= 8 else 1e-6
+
+
+@dataclass
+class ScanPair:
+    """Linear solvers for one Newton step (forward) and for the adjoint (reverse);
+    None uses the chunked framework scan. Native kernels plug in here."""
+
+    forward: Callable | None = None  # (A, b) -> h, h_t = A_t h_{t-1} + b_t
+    reverse: Callable | None = None  # (A, b) -> lam, lam_t = A_t lam_{t+1} + b_t
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from pararnn_mlx.solver import ScanPair
+from pararnn_core.newton import ScanPair
 
 METAL_DIR = Path(__file__).resolve().parent.parent / "metal"
 #: time steps each thread composes in registers (template argument of the kernel)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import mlx.core as mx
 
 from pararnn_core.layer_spec import check_mode
+from pararnn_core.newton import ScanPair
 from pararnn_mlx import metal_scan
 from pararnn_mlx.fused import fused_unavailable_reason, solve_fused
-from pararnn_mlx.solver import ScanPair, solve_newton, solve_sequential
+from pararnn_mlx.solver import solve_newton, solve_sequential
 
 #: ``auto`` takes the first mode of this list that runs on the device
 AUTO_ORDER = ("fused", "kernel", "parallel")

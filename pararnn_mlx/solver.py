@@ -16,22 +16,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
-from pararnn_core.newton import SolveInfo, adjoint, newton_solve, sequential_solve
+from pararnn_core.newton import ScanPair, SolveInfo, adjoint, newton_solve, sequential_solve
 from pararnn_core.scan import block_scan
 from pararnn_mlx.ops import ops
-
-
-@dataclass
-class ScanPair:
-    """Linear solvers for one Newton step (forward) and for the adjoint (reverse)."""
-
-    forward: Callable | None = None  # (A, b) -> h   (None: compiled framework scan)
-    reverse: Callable | None = None  # (A, b) -> lam (None: compiled framework scan)
 
 
 @functools.cache

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pararnn_core.newton import ScanPair
 from pararnn_torch import _ext
-from pararnn_torch.solver import ScanPair
 
 if _ext.loaded():
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from pararnn_core.layer_spec import check_mode
+from pararnn_core.newton import ScanPair
 from pararnn_torch import _ext
 from pararnn_torch.fused import fused_unavailable_reason, solve_fused
 from pararnn_torch.kernels import native_scan_pair
-from pararnn_torch.solver import ScanPair, solve_newton, solve_sequential
+from pararnn_torch.solver import solve_newton, solve_sequential
 
 #: ``auto`` takes the first mode of this list that runs on the input's device
 AUTO_ORDER = ("fused", "kernel", "parallel")

@@ -8,22 +8,11 @@ Function (Newton forward, adjoint backward) and differ only in the linear scan.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 
 from pararnn_core.cell import Cell
-from pararnn_core.newton import NewtonConfig, SolveInfo, adjoint, newton_solve, sequential_solve
+from pararnn_core.newton import NewtonConfig, ScanPair, SolveInfo, adjoint, newton_solve, sequential_solve
 from pararnn_torch.ops import ops
-
-
-@dataclass
-class ScanPair:
-    """Linear solvers for one Newton step (forward) and for the adjoint (reverse)."""
-
-    forward: Callable | None = None  # (A, b) -> h   (None: framework scan)
-    reverse: Callable | None = None  # (A, b) -> lam (None: framework scan)
 
 
 def _unpack(u, recurrent, h0):

@@ -172,6 +172,18 @@ class RecurrentLayerConfig:
         )
 
 
+#: ``auto`` takes the first mode of this list that runs on the input's device
+AUTO_ORDER = ("fused", "kernel", "parallel")
+
+
+def pick_mode(mode, unavailable: dict[str, str]) -> str:
+    """The mode to run: ``mode`` itself after validation, or for ``auto`` the first available of AUTO_ORDER."""
+    check_mode(mode, unavailable)
+    if mode == "auto":
+        return next(m for m in AUTO_ORDER if m not in unavailable)
+    return mode
+
+
 def check_mode(mode, unavailable: dict[str, str]) -> str:
     """Validate a mode name; ``unavailable`` maps modes that cannot run here to the reason."""
     if not isinstance(mode, str) or mode not in MODES:

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from pararnn_core.layer_spec import check_mode
+from pararnn_core.layer_spec import pick_mode
 from pararnn_core.newton import ScanPair
 from pararnn_mlx import metal_scan
 from pararnn_mlx.fused import fused_unavailable_reason, solve_fused
 from pararnn_mlx.solver import solve_newton, solve_sequential
-
-#: ``auto`` takes the first mode of this list that runs on the device
-AUTO_ORDER = ("fused", "kernel", "parallel")
 
 
 def unavailable_modes(device=None, cell=None) -> dict[str, str]:
@@ -33,11 +30,7 @@ def unavailable_modes(device=None, cell=None) -> dict[str, str]:
 
 def resolve_mode(mode: str, device=None, cell=None) -> str:
     device = device or mx.default_device()
-    missing = unavailable_modes(device, cell)
-    check_mode(mode, missing)
-    if mode == "auto":
-        return next(m for m in AUTO_ORDER if m not in missing)
-    return mode
+    return pick_mode(mode, unavailable_modes(device, cell))
 
 
 def run_mode(mode: str, cell, u, recurrent, h0, resets, config):

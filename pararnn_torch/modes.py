@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from pararnn_core.layer_spec import check_mode
+from pararnn_core.layer_spec import pick_mode
 from pararnn_core.newton import ScanPair
 from pararnn_torch import _ext
 from pararnn_torch.fused import fused_unavailable_reason, solve_fused
 from pararnn_torch.kernels import native_scan_pair
 from pararnn_torch.solver import solve_newton, solve_sequential
-
-#: ``auto`` takes the first mode of this list that runs on the input's device
-AUTO_ORDER = ("fused", "kernel", "parallel")
 
 
 def unavailable_modes(device, cell=None) -> dict[str, str]:
@@ -28,11 +25,7 @@ def unavailable_modes(device, cell=None) -> dict[str, str]:
 
 
 def resolve_mode(mode: str, device, cell=None) -> str:
-    missing = unavailable_modes(device, cell)
-    check_mode(mode, missing)
-    if mode == "auto":
-        return next(m for m in AUTO_ORDER if m not in missing)
-    return mode
+    return pick_mode(mode, unavailable_modes(device, cell))
 
 
 # torch.compile traces around the solve instead of into it: Newton's data-dependent

@@ -282,7 +282,9 @@ def train(args) -> dict:
     if ddp.main and not args.no_progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+        # a log file (no terminal) gets a line every 30 s instead of a redraw per step
+        progress = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
     model.train()
     started, started_step = time.perf_counter(), step
     while step < last:

@@ -165,6 +165,25 @@ class RecurrentLayerConfig:
         check_mode(value, {})
         self._mode = value
 
+    #: the cell of a fixed-cell layer (ParaGRU, ParaLSTM), whose constructor takes no cell argument
+    fixed_cell: str | None = None
+
+    @classmethod
+    def _construct(cls, cell, input_size, hidden_size, num_heads, **kwargs):
+        if cls.fixed_cell is not None:
+            return cls(input_size, hidden_size, num_heads, **kwargs)
+        return cls(cell, input_size, hidden_size, num_heads, **kwargs)
+
+    @classmethod
+    def from_apple_state_dict(cls, state_dict, num_heads=1, cell=None, **kwargs):
+        """Build a layer from Apple ml-pararnn cell tensors: ``A`` [3, N], ``B`` [H, D/H, 3, N/H],
+        ``b`` [3, N], and for the LSTM the peepholes ``C`` [2, N] (see :func:`from_apple_tensors`).
+        ``cell`` ("gru" or "lstm") is needed only on the generic ParaRNN."""
+        cell = cls.fixed_cell or cell
+        if cell is None:
+            raise ValueError("ParaRNN.from_apple_state_dict needs cell='gru' or cell='lstm'")
+        return cls._from_apple(cell, state_dict, num_heads, **kwargs)
+
     def describe(self) -> str:
         return (
             f"cell={self.cell.name}, input_size={self.input_size}, hidden_size={self.hidden_size}, "

@@ -144,41 +144,24 @@ class ParaRNN(RecurrentLayerConfig, nn.Module):
                 getattr(layer, name).copy_(tensors[name])
         return layer
 
-    @classmethod
-    def _construct(cls, cell_name, input_size, hidden_size, num_heads, **kwargs):
-        return cls(cell_name, input_size, hidden_size, num_heads, **kwargs)
-
 
 class ParaGRU(ParaRNN):
     """The ParaRNN paper's diagonal GRU (see pararnn_core.cells.gru)."""
 
+    fixed_cell = "gru"
+
     def __init__(self, input_size, hidden_size, num_heads=1, mode="auto", newton=None, device=None, dtype=None):
-        super().__init__("gru", input_size, hidden_size, num_heads, mode, newton, device, dtype)
-
-    @classmethod
-    def _construct(cls, cell_name, input_size, hidden_size, num_heads, **kwargs):
-        return cls(input_size, hidden_size, num_heads, **kwargs)
-
-    @classmethod
-    def from_apple_state_dict(cls, state_dict, num_heads=1, **kwargs):
-        """Build from Apple ml-pararnn GRU tensors ``A`` [3, N], ``B`` [H, D/H, 3, N/H], ``b`` [3, N]."""
-        return cls._from_apple("gru", state_dict, num_heads, **kwargs)
+        super().__init__(self.fixed_cell, input_size, hidden_size, num_heads, mode, newton, device, dtype)
 
 
 class ParaLSTM(ParaRNN):
     """The ParaRNN paper's CIFG LSTM with peepholes, state (c, h) (see pararnn_core.cells.lstm)."""
 
+    fixed_cell = "lstm"
+
     def __init__(self, input_size, hidden_size, num_heads=1, mode="auto", newton=None, device=None, dtype=None):
-        super().__init__("lstm", input_size, hidden_size, num_heads, mode, newton, device, dtype)
+        super().__init__(self.fixed_cell, input_size, hidden_size, num_heads, mode, newton, device, dtype)
 
-    @classmethod
-    def _construct(cls, cell_name, input_size, hidden_size, num_heads, **kwargs):
-        return cls(input_size, hidden_size, num_heads, **kwargs)
-
-    @classmethod
-    def from_apple_state_dict(cls, state_dict, num_heads=1, **kwargs):
-        """Build from Apple ml-pararnn LSTM tensors ``A`` [3, N], ``B``, ``b`` and peepholes ``C`` [2, N]."""
-        return cls._from_apple("lstm", state_dict, num_heads, **kwargs)
 
 
 __all__ = ["ParaRNN", "ParaGRU", "ParaLSTM", "unavailable_modes"]

@@ -103,6 +103,10 @@ def test_from_apple_state_dict_errors():
         ParaLSTM.from_apple_state_dict(good)
     with pytest.raises(ValueError, match=r"C must have shape \[2, 4\]"):
         ParaLSTM.from_apple_state_dict({**good, "C": torch.zeros(3, 4)})
+    with pytest.raises(ValueError, match="needs cell='gru' or cell='lstm'"):
+        ParaRNN.from_apple_state_dict(good)
+    generic = ParaRNN.from_apple_state_dict(good, cell="gru")
+    assert generic.cell.name == "gru" and type(generic) is ParaRNN
 
 
 def test_initialisation_follows_the_plan():

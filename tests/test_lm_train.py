@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -44,11 +45,20 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path, corpus):
     common = ["--data", str(corpus), "--steps", "3", "--save-every", "3", *TINY]
     single = run(["--out", str(tmp_path / "one"), *common])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    # --standalone: a free rendezvous port (a fixed one can collide with a run still tearing down);
+    # a new session, so a hung run is killed with all its workers instead of leaving orphans
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "pararnn_torch.train", "--out", str(tmp_path / "two"), *common],
-        capture_output=True, text=True, timeout=300, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )
+    try:
+        stdout, stderr = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        pytest.fail("2-process DDP run did not finish in 240 s")
+    proc = subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]

@@ -13,9 +13,13 @@ import os
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-CPU_SOURCES = ["csrc/scan_ops.cpp", "csrc/scan_cpu.cpp"]
-CUDA_SOURCES = ["csrc/scan_cuda_glue.cpp", "csrc/scan_cuda.cu"]
+#: kernel source folders shipped as package data (read through pararnn_core.kernel_sources)
+KERNEL_SOURCE_DIRS = ("csrc", "metal")
+
+CPU_SOURCES = ["csrc/scan/scan_ops.cpp", "csrc/scan/scan_cpu.cpp"]
+CUDA_SOURCES = ["csrc/scan/scan_cuda_glue.cpp", "csrc/scan/scan_cuda.cu"]
 CXX_FLAGS = ["-O3"]  # the C++ standard is the one torch requires (C++17 or 20), set by cpp_extension
 
 
@@ -68,5 +72,23 @@ def _extension_build():
     return [ext], {"build_ext": LenientBuild.with_options(use_ninja=True)}
 
 
+class BuildPyWithKernelSources(build_py):
+    """Copy csrc/ and metal/ into pararnn_core/kernels/ of the build, so a wheel carries every kernel source
+    (the fused CPU kernels, NVRTC and Metal compile them at run time)."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:  # an editable install reads the checkout's folders
+            return
+        here = os.path.dirname(os.path.abspath(__file__))
+        for folder in KERNEL_SOURCE_DIRS:
+            for root, _, files in os.walk(os.path.join(here, folder)):
+                rel = os.path.relpath(root, here)
+                for name in files:
+                    target = os.path.join(self.build_lib, "pararnn_core", "kernels", rel)
+                    self.mkpath(target)
+                    self.copy_file(os.path.join(root, name), os.path.join(target, name))
+
+
 ext_modules, cmdclass = _extension_build()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={**cmdclass, "build_py": BuildPyWithKernelSources})

@@ -1,4 +1,4 @@
-"""The structured-scan Metal kernel (metal/scan.metal) as an MLX op, and its use as mode='kernel'.
+"""The structured-scan Metal kernel (metal/scan/scan.metal) as an MLX op, and its use as mode='kernel'.
 
 The kernel is built with ``mx.fast.metal_kernel`` only when a Metal device is
 present (``mx.metal.is_available()``); elsewhere :func:`unavailable_reason`
@@ -12,13 +12,12 @@ tests/test_emulation.py, so it is tested on machines without a Mac.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import mlx.core as mx
 
+from pararnn_core.kernel_sources import metal_dir
 from pararnn_core.newton import ScanPair
 
-METAL_DIR = Path(__file__).resolve().parent.parent / "metal"
 #: time steps each thread composes in registers (template argument of the kernel)
 CHUNK = 4
 MAX_THREADS = 256
@@ -32,8 +31,10 @@ def unavailable_reason(device=None) -> str | None:
         return "no Metal device (the Metal scan kernel needs a Mac with Apple silicon); use mode='parallel'"
     if device.type != mx.gpu:
         return "the Metal scan runs on the GPU device, not on MLX's CPU device; use mode='parallel'"
-    if not (METAL_DIR / "scan.metal").exists():
-        return f"the Metal kernel sources are missing ({METAL_DIR}/scan.metal); reinstall from the repository"
+    try:
+        metal_dir()
+    except FileNotFoundError as error:
+        return str(error)
     return None
 
 
@@ -43,8 +44,8 @@ def _kernel():
         name="pararnn_scan",
         input_names=["A", "b", "h0", "dims"],
         output_names=["h"],
-        source=(METAL_DIR / "scan.metal").read_text(),
-        header=(METAL_DIR / "scan_header.metal").read_text(),
+        source=(metal_dir() / "scan" / "scan.metal").read_text(),
+        header=(metal_dir() / "scan" / "scan_header.metal").read_text(),
     )
 
 

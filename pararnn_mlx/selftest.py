@@ -89,11 +89,11 @@ def run_emulated(rng) -> bool:
             dims = np.array([B, T, N, reverse, 1], np.uint32)
             kernel = compile_metal(
                 "pararnn_scan",
-                (METAL / "scan.metal").read_text(),
+                (METAL / "scan" / "scan.metal").read_text(),
                 [("A", A), ("b", b), ("h0", h0), ("dims", dims)],
                 [("h", np.float32)],
                 template=[("T", np.float32), ("K", K), ("CHUNK", metal_scan.CHUNK)],
-                header=(METAL / "scan_header.metal").read_text(),
+                header=(METAL / "scan" / "scan_header.metal").read_text(),
             )
             threads = metal_scan.threads_for(T)
             (got,) = kernel(

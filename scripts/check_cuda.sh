@@ -54,7 +54,7 @@ fi
 
 BUILD="$ROOT/build/cuda"
 STAMP="$BUILD/stamp"
-SOURCES=(setup.py csrc/scan_*)
+SOURCES=(setup.py csrc)
 if [ -f "$STAMP" ] && [ -z "$(find "${SOURCES[@]}" -newer "$STAMP" 2>/dev/null)" ] \
     && [ "$(cat "$STAMP")" = "$TORCH_CUDA_ARCH_LIST $TORCH_SPEC" ]; then
   echo "check_cuda: sources unchanged since the last successful build, reusing it"

@@ -25,7 +25,7 @@ DIRECTIONS = [(False, False), (False, True), (True, False), (True, True)]  # (re
 def cuda_scan(dtype, K):
     S = CTYPE[dtype]
     return compile_cuda(
-        CSRC / "scan_kernel.cuh",
+        CSRC / "scan" / "scan_kernel.cuh",
         f"pararnn::structured_scan_kernel<{S}, {S}, {K}, {CHUNK}>",
         [p.format(S=S) for p in SCAN_PARAMS],
     )
@@ -47,11 +47,11 @@ def test_cuda_scan_kernel_matches_framework_scan(dtype, K):
 def metal_scan(K, A, b, h0, dims):
     return compile_metal(
         "pararnn_scan",
-        (METAL / "scan.metal").read_text(),
+        (METAL / "scan" / "scan.metal").read_text(),
         inputs=[("A", A), ("b", b), ("h0", h0), ("dims", dims)],
         outputs=[("h", np.float32)],
         template=[("T", np.float32), ("K", K), ("CHUNK", CHUNK)],
-        header=(METAL / "scan_header.metal").read_text(),
+        header=(METAL / "scan" / "scan_header.metal").read_text(),
     )
 
 
@@ -126,11 +126,11 @@ def test_metal_kernel_with_the_loader_dispatch():
     dims = np.array([B, T, N, 0, 1], np.uint32)
     kernel = compile_metal(
         "pararnn_scan",
-        (METAL / "scan.metal").read_text(),
+        (METAL / "scan" / "scan.metal").read_text(),
         inputs=[("A", A), ("b", b), ("h0", h0), ("dims", dims)],
         outputs=[("h", np.float32)],
         template=[("T", np.float32), ("K", K), ("CHUNK", metal_scan.CHUNK)],
-        header=(METAL / "scan_header.metal").read_text(),
+        header=(METAL / "scan" / "scan_header.metal").read_text(),
     )
     (h,) = kernel([A, b, h0, dims], grid=(threads, B * N, 1), threadgroup=(threads, 1, 1), output_shapes=[b.shape])
     assert np.abs(h - reference_scan(A, b, h0)).max() <= tolerance(np.float32, T)

@@ -138,7 +138,7 @@ def test_fused_cuda_sources_compile_with_nvcc(tmp_path):
     instantiate = f"PR_FUSED_CUDA_CELL({user.name}, pr_cell_{user.name})"
     unit.write_text(f'#include "fused_cuda.cu"\n{cell_sources(user).text("cuda")}\n{instantiate}\n')
     out = subprocess.run(
-        ["nvcc", "-c", "-std=c++17", "-O3", f"-I{CSRC}", "-gencode=arch=compute_80,code=sm_80",
+        ["nvcc", "-c", "-std=c++17", "-O3", f"-I{CSRC / 'fused'}", "-gencode=arch=compute_80,code=sm_80",
          "-gencode=arch=compute_90,code=sm_90", str(unit), "-o", str(tmp_path / "fused_all.o")],
         capture_output=True, text=True, timeout=900, env={**os.environ, "CUDA_HOME": _cuda_home()},
     )  # fmt: skip

@@ -12,7 +12,7 @@ import torch
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from convert.cli import main as convert_main  # noqa: E402
+from pararnn_convert.cli import main as convert_main  # noqa: E402
 from pararnn_mlx.generate import main as generate_main  # noqa: E402
 from pararnn_mlx.loader import load  # noqa: E402
 from tests.lm_helpers import tiny_checkpoint  # noqa: E402

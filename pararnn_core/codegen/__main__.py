@@ -1,7 +1,7 @@
 """Regenerate the shipped kernel sources of the built-in cells: ``python -m pararnn_core.codegen``."""
 
-from pararnn_core.codegen.sources import REPO_ROOT, write_builtin_sources
+from pararnn_core.codegen.sources import write_builtin_sources
 
 if __name__ == "__main__":
     for path in write_builtin_sources():
-        print(f"wrote {path.relative_to(REPO_ROOT)}")
+        print(f"wrote {path}")

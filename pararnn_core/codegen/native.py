@@ -56,7 +56,7 @@ def compiler() -> tuple[str, str]:
 
 def _translation_unit(sources) -> str:
     return (
-        f'#include "{CSRC_DIR / "fused_cpu.h"}"\n'
+        f'#include "{CSRC_DIR / "fused" / "fused_cpu.h"}"\n'
         f'#include "{sources.paths["cpp"]}"\n'
         f"PR_FUSED_CPU_LIBRARY({sources.struct_name})\n"
     )
@@ -175,7 +175,7 @@ def load_cpu_library(cell) -> CpuLibrary:
     unit = _translation_unit(sources)
     cxx, version = compiler()
     fingerprint = [unit, sources.text("cpp"), version, " ".join(_BASE_FLAGS + _NATIVE_FLAGS + _OPENMP_FLAGS)]
-    fingerprint += [(CSRC_DIR / h).read_text() for h in _KERNEL_HEADERS]
+    fingerprint += [(CSRC_DIR / "fused" / h).read_text() for h in _KERNEL_HEADERS]
     key = hashlib.sha256("\0".join(fingerprint).encode()).hexdigest()[:16]
     with _lock:
         if key not in _loaded:

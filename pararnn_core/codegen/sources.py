@@ -17,10 +17,10 @@ from pathlib import Path
 from pararnn_core.cell import Cell, get_cell
 from pararnn_core.codegen.printer import TARGETS, print_cell
 from pararnn_core.codegen.symbolic import definition_hash, derive
+from pararnn_core.kernel_sources import csrc_dir, metal_dir
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CSRC_DIR = REPO_ROOT / "csrc"
-METAL_DIR = REPO_ROOT / "metal"
+CSRC_DIR = csrc_dir()
+METAL_DIR = metal_dir()
 BUILTIN_CELLS = ("gru", "lstm", "mgu")
 
 #: file name of a cell's generated source per target, and the folder it ships in
@@ -116,16 +116,17 @@ def metal_kernel_sources(cell: str | Cell) -> tuple[str, str, str]:
     """(header, forward body, adjoint body) of the fused Metal kernels of ``cell`` for mx.fast.metal_kernel.
 
     The header joins the math prelude, the generated cell struct (as ``Cell``)
-    and the affine-map helpers; the bodies are metal/fused_forward.metal and
-    metal/fused_adjoint.metal unchanged.
+    and the affine-map helpers; the bodies are metal/fused/fused_forward.metal and
+    metal/fused/fused_adjoint.metal unchanged.
     """
     sources = cell_sources(cell)
     header = "\n".join(
         [
-            (METAL_DIR / "fused_math.metal").read_text(),
+            (METAL_DIR / "fused" / "fused_math.metal").read_text(),
             sources.text("metal"),
             f"typedef {sources.struct_name} Cell;",
-            (METAL_DIR / "fused_header.metal").read_text(),
+            (METAL_DIR / "fused" / "fused_header.metal").read_text(),
         ]
     )
-    return header, (METAL_DIR / "fused_forward.metal").read_text(), (METAL_DIR / "fused_adjoint.metal").read_text()
+    fused = METAL_DIR / "fused"
+    return header, (fused / "fused_forward.metal").read_text(), (fused / "fused_adjoint.metal").read_text()

@@ -5,7 +5,7 @@ The unmodified kernel source is compiled with g++ against ``cuda_emu.h`` or
 with one real thread per GPU thread of a block. Libraries are cached by a hash
 of everything that goes into them, so each variant compiles once per machine.
 
-    kernel = compile_cuda(CSRC / "scan_kernel.cuh", "pararnn::structured_scan_kernel<float, float, 2, 4>",
+    kernel = compile_cuda(CSRC / "scan" / "scan_kernel.cuh", "pararnn::structured_scan_kernel<float, float, 2, 4>",
                           ["const float*", "const float*", "const float*", "float*", "int64_t", "int64_t", "int"])
     kernel(grid=(B * N, 1, 1), block=(64, 1, 1), args=[A, b, None, h, T, N, 0])
 
@@ -177,7 +177,9 @@ def _dim3(d):
     return tuple(int(x) for x in d)
 
 
-def compile_cuda(source: str | Path, kernel: str, param_types: list[str], include_dirs=(CSRC,)) -> CudaKernel:
+def compile_cuda(
+    source: str | Path, kernel: str, param_types: list[str], include_dirs=(CSRC / "scan", CSRC / "fused")
+) -> CudaKernel:
     """Compile a CUDA kernel source (path or text) for the emulator.
 
     kernel: the C++ expression naming the instantiated kernel, e.g.

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "to-mlx":
-            from convert.to_mlx import to_mlx
+            from pararnn_convert.to_mlx import to_mlx
 
             summary = to_mlx(
                 args.model, args.out, args.dtype, args.quantize, args.q_bits, args.q_group_size,
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
             quant = f", {args.q_bits}-bit quantized (group {args.q_group_size})" if args.quantize else ""
             print(f"converted {args.model} -> MLX ({args.dtype}{quant})")
         else:
-            from convert.from_apple import from_apple
+            from pararnn_convert.from_apple import from_apple
 
             summary = from_apple(args.checkpoint, args.out, args.num_heads, args.cell, args.force)
             print(f"imported Apple ml-pararnn cells from {args.checkpoint}")

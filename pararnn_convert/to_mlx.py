@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from convert.model_file import MODEL_FILE, MODEL_FILE_SOURCE
+from pararnn_convert.model_file import MODEL_FILE, MODEL_FILE_SOURCE
 from pararnn_core import checkpoint
 from pararnn_core.tokenizer import TextTokenizer
 

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     ])
 
     print("\n== 2/3 convert to MLX ==")
-    from convert.to_mlx import to_mlx
+    from pararnn_convert.to_mlx import to_mlx
 
     summary = to_mlx(torch_dir, mlx_dir, dtype="float32", force=True)
     print(summary.describe())

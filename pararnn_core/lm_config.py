@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class LMConfig:
-    """Sizes and settings of a ParaRNN language model (DESIGN.md section 6).
+    """Sizes and settings of a ParaRNN language model (docs/design.md section 6).
 
     cell: name of a registered cell (``gru``, ``lstm``, ``mgu`` or a user cell);
         a user cell is found by importing ``cell_module`` when it is not yet registered.

@@ -249,7 +249,7 @@ def _report_failure(cell, ops, info, config, tol):
 
 
 def adjoint(cell: Cell, ops, gates, params, h0, resets, traj, grads, scan=None, chunk=None):
-    """Gradients of a solved trajectory by the adjoint method (DESIGN.md section 1).
+    """Gradients of a solved trajectory by the adjoint method (docs/design.md section 1).
 
     ``grads`` are dL/dh_t (K arrays [B, T, N]). Returns (d_gates, d_params,
     d_h0) with d_h0 None when h0 is None. ``scan(A, b)`` solves the reverse

@@ -1,4 +1,4 @@
-"""The ParaRNN language model in PyTorch (DESIGN.md section 6).
+"""The ParaRNN language model in PyTorch (docs/design.md section 6).
 
 Each block: RMSNorm -> in-projection to (v, gate) -> causal depthwise conv on v
 -> SiLU -> ParaRNN cell -> RMSNorm(y) * SiLU(gate) -> out-projection -> residual;

@@ -1,4 +1,4 @@
-"""ParaGRU: the diagonal GRU of the ParaRNN paper (DESIGN.md section 1).
+"""ParaGRU: the diagonal GRU of the ParaRNN paper (docs/design.md section 1).
 
     z = sigmoid(a_z * h + u_z)
     r = sigmoid(a_r * h + u_r)

@@ -1,4 +1,4 @@
-"""ParaLSTM: CIFG LSTM with peepholes, state (c, h) per channel (DESIGN.md section 1).
+"""ParaLSTM: CIFG LSTM with peepholes, state (c, h) per channel (docs/design.md section 1).
 
     f  = sigmoid(a_f * h + p_f * c + u_f)
     c~ = tanh(a_c * h + u_c)

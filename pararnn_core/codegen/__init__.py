@@ -1,4 +1,4 @@
-"""Kernel code generation from cell definitions (DESIGN.md section 3).
+"""Kernel code generation from cell definitions (docs/design.md section 3).
 
 ``derive`` evaluates a cell's step on sympy symbols and differentiates it;
 ``print_cell`` prints the step, Jacobian and adjoint products as device

@@ -29,7 +29,9 @@ from pararnn_core.checkpoint import check_writable
 from pararnn_core.lm_config import ConfigError, LMConfig
 from pararnn_core.tokenizer import TextTokenizer
 from pararnn_torch import data as data_mod
+from pararnn_torch import distributed as scale
 from pararnn_torch.lm import ParaRNNLM, load_lm, save_lm
+from pararnn_torch.throughput import ThroughputMeter, device_peak_tflops
 
 TRAINING_STATE = "training_state.pt"
 METRICS = "metrics.jsonl"
@@ -65,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--z-loss", type=float, default=0.0, help="weight of the z-loss (logsumexp^2), e.g. 1e-4")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, help="output checkpoint folder")
+    g.add_argument("--out", help="output checkpoint folder (required except with --dry-run)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many steps in this run (time-sliced jobs); --resume continues")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
+    scale.add_arguments(p)
     return p
 
 
@@ -113,6 +116,7 @@ class Dist:
 class History:
     train: list = field(default_factory=list)  # (step, loss)
     eval: list = field(default_factory=list)  # (step, loss)
+    throughput: list = field(default_factory=list)  # (step, {"tokens_per_sec": ..., "mfu": ...})
 
 
 def lr_lambda(warmup: int, steps: int, min_ratio: float):
@@ -176,6 +180,11 @@ def _check_args(args, world):
         raise SystemExit(f"error: --lr must be positive, got {args.lr}")
 
 
+def _describe(train_set) -> str:
+    tokens = getattr(train_set, "tokens", None)
+    return f"{len(tokens):,}" if tokens is not None else train_set.describe()
+
+
 def train(args) -> dict:
     device = _pick_device(args.device)
     ddp = Dist.from_env(device.type)
@@ -183,10 +192,13 @@ def train(args) -> dict:
         device = torch.device("cuda", ddp.local_rank)
         torch.cuda.set_device(device)
     _check_args(args, ddp.world)
+    if args.fsdp and not dist.is_initialized():  # fsdp hook: one process without torchrun
+        scale.init_single_process_group(device.type)
     out = Path(args.out)
-    resuming = args.resume and (out / TRAINING_STATE).is_file()
+    state_file = out / scale.SHARDED_DIR / scale.SHARDED_STATE if args.fsdp else out / TRAINING_STATE
+    resuming = args.resume and state_file.is_file()
     if args.resume and not resuming:
-        raise SystemExit(f"error: --resume, but {out / TRAINING_STATE} does not exist")
+        raise SystemExit(f"error: --resume, but {state_file} does not exist")
     if not resuming:
         try:
             check_writable(out, args.force)
@@ -194,7 +206,10 @@ def train(args) -> dict:
             raise SystemExit(f"error: {e} (or --resume to continue the run in it)") from None
 
     # data (deterministic, identical in every process)
-    if resuming:
+    if resuming and args.fsdp:  # fsdp hook: the weights come from the shards, below
+        model, tokenizer = scale.load_run_model(out, args.mode, device)
+        config = model.config
+    elif resuming:
         model, tokenizer = load_lm(out, mode=args.mode, device=device, dtype=torch.float32)
         config = model.config
     else:
@@ -205,15 +220,25 @@ def train(args) -> dict:
             raise SystemExit(f"error: {e}") from None
         torch.manual_seed(args.seed)
         model = ParaRNNLM(config, mode=args.mode, device=device)
+        if args.fsdp and ddp.main:  # fsdp hook: config and tokenizer now, weights at the first export
+            scale.write_run_folder(out, config, tokenizer, args.force)
     try:
-        docs = data_mod.read_documents(args.data) if args.data else data_mod.embedded_documents(args.corpus_bytes)
+        if args.streaming:  # scale hook: shards read as training goes, the last one held out for evaluation
+            train_set, eval_set = scale.streaming_sets(args, tokenizer, ddp.rank, ddp.world)
+        else:
+            docs = data_mod.read_documents(args.data) if args.data else data_mod.embedded_documents(args.corpus_bytes)
+            train_docs, eval_docs = data_mod.split_documents(docs, args.eval_fraction)
+            train_set = data_mod.PackedSequences(*data_mod.pack(train_docs, tokenizer), args.seq_len, args.seed)
+            eval_set = data_mod.PackedSequences(*data_mod.pack(eval_docs, tokenizer), args.seq_len, args.seed)
     except data_mod.DataError as e:
         raise SystemExit(f"error: {e}") from None
-    train_docs, eval_docs = data_mod.split_documents(docs, args.eval_fraction)
-    train_set = data_mod.PackedSequences(*data_mod.pack(train_docs, tokenizer), args.seq_len, args.seed)
-    eval_set = data_mod.PackedSequences(*data_mod.pack(eval_docs, tokenizer), args.seq_len, args.seed)
     eval_batches = eval_set.eval_batches(args.batch_size, args.eval_batches)  # rank 0 evaluates them all
 
+    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
+    if args.activation_checkpointing:
+        scale.checkpoint_blocks(model)
+    if args.fsdp:  # fsdp hook: shard before the optimizer sees the parameters
+        scale.shard(model, bf16=use_bf16)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "cell." not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "cell." not in n)]
     optimizer = torch.optim.AdamW(
@@ -225,27 +250,31 @@ def train(args) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, args.steps, args.min_lr_ratio))
     history, step = History(), 0
     if resuming:
-        state = torch.load(out / TRAINING_STATE, map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if args.fsdp:  # fsdp hook: weights and optimizer from the shards; the rest from JSON
+            state = scale.load_sharded(model, optimizer, out, ddp.rank)
+        else:
+            state = torch.load(out / TRAINING_STATE, map_location=device, weights_only=False)
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
-        history = History(**state["history"])
+        if args.streaming:  # scale hook: each process's cursor in its shards
+            scale.load_stream_state(train_set, state.get("data"), ddp.rank, ddp.world)
+        history = History(**{k: [tuple(e) for e in v] for k, v in state["history"].items()})
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
 
     wrapped = model
-    if ddp.world > 1:
+    if ddp.world > 1 and not args.fsdp:
         device_ids = [device.index] if device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
-    def save():
-        if not ddp.main:
-            return
-        training_state = {
-            "optimizer": optimizer.state_dict(),
+    def run_state():
+        # every process calls this: the streaming cursors of all processes are gathered here
+        data_state = scale.gather_stream_state(train_set, ddp.world) if args.streaming else None
+        return {
+            "data": data_state,
             "scheduler": scheduler.state_dict(),
             "step": step,
             "history": history.__dict__,
@@ -255,16 +284,26 @@ def train(args) -> dict:
             },
             "args": vars(args),
         }
-        buf = io.BytesIO()
-        torch.save(training_state, buf)
-        metrics = "".join(json.dumps({"step": s, "train_loss": v}) + "\n" for s, v in history.train)
+
+    def side_files():
+        speed = dict(history.throughput)
+        metrics = "".join(
+            json.dumps({"step": s, "train_loss": v, **speed.get(s, {})}) + "\n" for s, v in history.train
+        )
         metrics += "".join(json.dumps({"step": s, "eval_loss": v}) + "\n" for s, v in history.eval)
-        files = {
-            TRAINING_STATE: buf.getvalue(),
-            METRICS: metrics.encode(),
-            LOSS_CURVE: lambda path: write_loss_curve(history, path),
-        }
-        save_lm(model, out, tokenizer, files=files, force=True)
+        return {METRICS: metrics.encode(), LOSS_CURVE: lambda path: write_loss_curve(history, path)}
+
+    def save():
+        state = run_state()
+        if args.fsdp:  # fsdp hook: every process writes its shards; the full weights at the end of the run
+            scale.save_run(model, optimizer, out, state, side_files(), ddp.rank, config, tokenizer,
+                           export_weights=step == last)
+            return
+        if not ddp.main:
+            return
+        buf = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), **state}, buf)
+        save_lm(model, out, tokenizer, files={TRAINING_STATE: buf.getvalue(), **side_files()}, force=True)
 
     tokens_per_step = args.batch_size * args.seq_len
     last = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
@@ -273,9 +312,11 @@ def train(args) -> dict:
         source = args.data or data_mod.EMBEDDED_CORPUS
         print(
             f"pararnn-train: {config.cell} LM, {n_params / 1e6:.2f}M parameters, {config.n_layers} layers x "
-            f"d_model {config.d_model}; data: {source} ({len(train_set.tokens):,} train / {len(eval_set.tokens):,} "
+            f"d_model {config.d_model}; data: {source} ({_describe(train_set)} train / {len(eval_set.tokens):,} "
             f"eval tokens); {ddp.world} process(es) on {device.type}, "
-            f"{'bf16 autocast' if use_bf16 else 'float32'}; steps {step} -> {last} of {args.steps}",
+            f"{'bf16' if use_bf16 else 'float32'}{', FSDP' if args.fsdp else ''}"
+            f"{', activation checkpointing' if args.activation_checkpointing else ''}; "
+            f"steps {step} -> {last} of {args.steps}",
             flush=True,
         )
     progress = None
@@ -287,6 +328,7 @@ def train(args) -> dict:
                         mininterval=0.1 if sys.stderr.isatty() else 30.0)
     model.train()
     started, started_step = time.perf_counter(), step
+    meter = ThroughputMeter(config, tokens_per_step, ddp.world, device_peak_tflops(device, args.peak_tflops))
     while step < last:
         batch = train_set.batch(step, args.batch_size, ddp.rank, ddp.world)
         with autocast():
@@ -303,15 +345,18 @@ def train(args) -> dict:
         if not math.isfinite(value):
             raise SystemExit(f"error: the loss became {value} at step {step}; lower --lr or raise --grad-clip")
         history.train.append((step, value))
-        rate = (step - started_step) * tokens_per_step / (time.perf_counter() - started)
+        meter.step()
+        history.throughput.append((step, meter.record()))
         if progress is not None:
-            progress.set_postfix(loss=f"{value:.3f}", tok_s=f"{rate:,.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            progress.set_postfix(loss=f"{value:.3f}", **meter.postfix(), lr=f"{scheduler.get_last_lr()[0]:.2e}")
             progress.update(1)
         elif ddp.main and (step % 10 == 0 or step == last):
-            print(f"step {step}/{args.steps} loss {value:.4f} tok/s {rate:,.0f}", flush=True)
+            speed = " ".join(f"{k} {v}" for k, v in meter.postfix().items())
+            print(f"step {step}/{args.steps} loss {value:.4f} {speed}", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
-            if ddp.main:
+            if ddp.main or args.fsdp:  # fsdp hook: every process takes part in the sharded forward
                 ev = evaluate(model, eval_batches, device, autocast)
+            if ddp.main:
                 history.eval.append((step, ev))
                 message = f"step {step}: eval loss {ev:.4f} nats/token, perplexity {math.exp(ev):.2f}"
                 (progress.write if progress is not None else print)(message)
@@ -330,7 +375,7 @@ def train(args) -> dict:
         "seconds": elapsed,
         "out": str(out),
     }
-    if ddp.world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return result
 
@@ -362,7 +407,18 @@ def write_loss_curve(history: History, path: Path):
 
 def run(argv=None) -> dict:
     """Parse the command line and train; returns the final step, losses, speed and folder."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:  # scale hook: the preset's values become defaults, flags given still win
+        args = scale.apply_preset(parser, args, argv)
+    if not args.out and not args.dry_run:
+        parser.error("the following arguments are required: --out")
+    if args.dry_run:
+        print(scale.dry_run(args, _config_from_args))
+        return {"dry_run": True}
+    if args.export:
+        print(scale.export(Path(args.out)).describe())
+        return {"export": args.out}
     result = train(args)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = result["eval_loss"]

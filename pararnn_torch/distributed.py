@@ -1,0 +1,344 @@
+"""Training at scale for pararnn-train: FSDP2 sharding, activation checkpointing, sharded checkpoints.
+
+``--fsdp`` shards every block (and the root: embedding, final norm, head) with PyTorch's
+FSDP2 ``fully_shard``; compute runs in bf16 with fp32 gradient reductions when the run is
+bf16 (``--dtype auto`` on CUDA), in fp32 otherwise (CPU/gloo: fp32 keeps one process and
+many bit-comparable, and bf16 CPU matmuls are slow).
+
+An FSDP run folder is the usual checkpoint folder plus ``fsdp_checkpoint/``: a
+torch.distributed.checkpoint (DCP) directory with the sharded weights and optimizer
+state, ``training_state.json`` (schedule, step, history, arguments) and one
+``rank-NNNNN.json`` per process (its RNG state). Nothing is pickled by us; DCP's own
+format stores the shards. ``config.json``, the tokenizer and ``model.safetensors``
+(what ``pararnn-convert to-mlx`` and ``load_lm`` read) are exported from the shards at
+the end of every run, or on demand with ``pararnn-train --export --out DIR``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pararnn_core import checkpoint
+from pararnn_core.lm_config import LMConfig
+from pararnn_core.presets import PRESETS
+from pararnn_core.tokenizer import TextTokenizer
+from pararnn_torch.lm import ParaRNNLM, save_lm
+
+SHARDED_DIR = "fsdp_checkpoint"
+SHARDED_STATE = "training_state.json"
+#: files an export writes itself (everything else in the folder is carried over)
+_EXPORT_WRITES = {checkpoint.CONFIG_FILE, checkpoint.WEIGHTS_FILE, checkpoint.INDEX_FILE}
+
+
+def add_arguments(parser):
+    g = parser.add_argument_group("scale (README: Training at scale)")
+    g.add_argument("--preset", choices=tuple(PRESETS),
+                   help="model and schedule at one of the paper's scales (flags given override it)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print parameters, tokens per step and per-GPU memory for DDP and FSDP; allocate nothing")
+    g.add_argument("--world-size", type=int, default=8, help="processes (GPUs) the --dry-run estimate is for")
+    g.add_argument("--gpu-memory-gib", type=float, default=None, help="--dry-run: say whether it fits in this")
+    g.add_argument("--fsdp", action="store_true", help="shard weights, grads and optimizer state (FSDP2) per block")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in the backward pass instead of keeping its activations")
+    g.add_argument("--export", action="store_true",
+                   help="write model.safetensors of the FSDP run in --out from its sharded checkpoint, then exit")
+    g.add_argument("--streaming", action="store_true",
+                   help="--data is a folder or glob of .jsonl/text shards read as training goes, split by process; "
+                        "the last shard is held out for evaluation")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s of one device for MFU (default: bf16 table for A100/H100/H200)")
+
+
+# ----------------------------------------------------------------------------
+# the model
+
+
+def checkpoint_blocks(model: ParaRNNLM):
+    """Activation checkpointing per block: only the block's input is kept; the backward pass runs the
+    block's forward again. The instance's forward is replaced, so parameter names do not change."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        forward = block.forward
+        block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def shard(model: ParaRNNLM, bf16: bool):
+    """FSDP2 per block, then the root. bf16: bf16 weights in compute, fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+# ----------------------------------------------------------------------------
+# the run folder
+
+
+def _config_dict(config: LMConfig) -> dict:
+    return {**config.to_dict(), "torch_dtype": "float32"}
+
+
+def write_run_folder(out: Path, config: LMConfig, tokenizer: TextTokenizer, force: bool):
+    """config.json and the tokenizer, before any weights exist (written to a temporary folder, then renamed)."""
+    checkpoint.check_writable(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    (tmp / checkpoint.CONFIG_FILE).write_text(json.dumps(_config_dict(config), indent=2, sort_keys=True) + "\n")
+    for name, content in tokenizer.files().items():
+        (tmp / name).write_bytes(content)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def has_sharded_state(out: Path) -> bool:
+    return (out / SHARDED_DIR / SHARDED_STATE).is_file()
+
+
+def load_run_model(out: Path, mode: str, device) -> tuple[ParaRNNLM, TextTokenizer]:
+    """The model (fresh weights; the shards are loaded after sharding) and tokenizer of an FSDP run folder."""
+    config = LMConfig.load(out)
+    return ParaRNNLM(config, mode=mode, device=device), TextTokenizer.from_folder(out)
+
+
+def _json_safe(value):
+    if isinstance(value, torch.Tensor):
+        return {"uint8_base64": base64.b64encode(value.cpu().numpy().tobytes()).decode()}
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _from_json(value):
+    if isinstance(value, dict) and set(value) == {"uint8_base64"}:
+        return torch.frombuffer(bytearray(base64.b64decode(value["uint8_base64"])), dtype=torch.uint8)
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.json"
+
+
+def save_sharded(model, optimizer, out: Path, run_state: dict, rank: int):
+    """Every process writes its shards to a staging DCP directory; rank 0 then swaps it in for the previous one.
+
+    ``run_state`` (schedule, step, history, rng, args) is rank 0's; each rank adds its own RNG state file.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    stage = out / f".{SHARDED_DIR}.staging"
+    if rank == 0:
+        shutil.rmtree(stage, ignore_errors=True)
+    dist.barrier()
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(stage))
+    (stage / _rank_file(rank)).write_text(json.dumps(_json_safe({"rng": run_state["rng"]})))
+    if rank == 0:
+        (stage / SHARDED_STATE).write_text(json.dumps(_json_safe(run_state)))
+    dist.barrier()
+    if rank == 0:
+        target, old = out / SHARDED_DIR, out / f".{SHARDED_DIR}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            target.rename(old)
+        stage.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_sharded(model, optimizer, out: Path, rank: int) -> dict:
+    """Load weights and optimizer state into the sharded model (any world size: DCP reshards), and return
+    the run state (schedule, step, history, args) with this rank's RNG state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    folder = out / SHARDED_DIR
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    run_state = _from_json(json.loads((folder / SHARDED_STATE).read_text()))
+    own = folder / _rank_file(rank)
+    if own.is_file():  # a resume on more processes than were saved starts the new ranks' RNG from rank 0's
+        run_state["rng"] = _from_json(json.loads(own.read_text()))["rng"]
+    return run_state
+
+
+# ----------------------------------------------------------------------------
+# export: sharded checkpoint -> model.safetensors in the same folder
+
+
+def _carry_over(out: Path, written: set) -> dict:
+    """The folder's other files and folders, hard-linked into the new folder (no copy of the shards)."""
+    files = {}
+    for entry in sorted(out.iterdir()):
+        if entry.name in written or entry.name.startswith(".") or checkpoint.WEIGHTS_FILE in entry.name:
+            continue
+        if entry.is_dir():
+            files[entry.name] = lambda dst, src=entry: shutil.copytree(src, dst, copy_function=os.link)
+        else:
+            files[entry.name] = lambda dst, src=entry: os.link(src, dst)
+    return files
+
+
+def export_full_state(out: Path, config: LMConfig, tokenizer: TextTokenizer, full_state: dict, files: dict):
+    """Write ``full_state`` (name -> full CPU tensor) as the folder's weights, keeping the folder's other contents."""
+    model = ParaRNNLM(config, device="meta")
+    model.load_state_dict(full_state, assign=True)
+    written = _EXPORT_WRITES | set(tokenizer.files()) | set(files)
+    return save_lm(model, out, tokenizer, files={**_carry_over(out, written), **files}, force=True)
+
+
+def gather_full_state(model) -> dict:
+    """Every process takes part; rank 0 gets the full fp32 weights on the CPU, the others an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export(out: Path):
+    """``pararnn-train --export``: one process reads the shards of ``out`` and writes its model.safetensors."""
+    import torch.distributed.checkpoint as dcp
+
+    if not has_sharded_state(out):
+        raise SystemExit(f"error: --export needs an FSDP run folder; {out / SHARDED_DIR / SHARDED_STATE} not found")
+    config = LMConfig.load(out)
+    tokenizer = TextTokenizer.from_folder(out)
+    state = {"model": ParaRNNLM(config).state_dict()}
+    dcp.load(state, checkpoint_id=str(out / SHARDED_DIR), no_dist=True)
+    return export_full_state(out, config, tokenizer, state["model"], {})
+
+
+def init_single_process_group(device_type: str):
+    """FSDP needs a process group even for one process (no torchrun): an in-memory one of size 1."""
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def save_run(model, optimizer, out: Path, run_state: dict, files: dict, rank: int, config: LMConfig,
+             tokenizer: TextTokenizer, export_weights: bool):
+    """The FSDP save of pararnn-train: shards and run state; then either the full weights exported into the
+    folder (with ``files``: metrics, loss curve) or, between exports, only ``files`` rewritten."""
+    save_sharded(model, optimizer, out, run_state, rank)
+    if export_weights:
+        full_state = gather_full_state(model)
+        if rank == 0:
+            export_full_state(out, config, tokenizer, full_state, files)
+    elif rank == 0:
+        for name, content in files.items():
+            tmp = out / f".tmp-{os.getpid()}-{name}"  # keeps the suffix (matplotlib picks the format by it)
+            content(tmp) if callable(content) else tmp.write_bytes(content)
+            if tmp.exists():  # a writer may skip its file (no matplotlib)
+                os.replace(tmp, out / name)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------
+# presets and the dry run
+
+
+def _vocab_size(args) -> int:
+    from pararnn_core.presets import PRESET_VOCAB_SIZE
+
+    if args.tokenizer:
+        return TextTokenizer.from_file(args.tokenizer).vocab_size
+    return PRESET_VOCAB_SIZE if args.preset else TextTokenizer.bytes().vocab_size
+
+
+def apply_preset(parser, args, argv):
+    """Parse again with the preset's values as defaults (flags given on the command line still win)."""
+    from pararnn_core import presets
+
+    parser.set_defaults(**presets.training_defaults(args.preset, args.cell, _vocab_size(args)))
+    args = parser.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = presets.warmup_steps(args.steps)
+    return args
+
+
+def dry_run(args, config_from_args) -> str:
+    """The ``--dry-run`` report: sizes from the config alone, nothing allocated."""
+    from pararnn_core.lm_config import ConfigError
+    from pararnn_core.presets import PAPER_PARAMETERS
+    from pararnn_core.sizing import dry_run_report
+
+    if args.world_size < 1:
+        raise SystemExit(f"error: --world-size must be at least 1, got {args.world_size}")
+    try:
+        config = config_from_args(args, _vocab_size(args), None)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    report = dry_run_report(config, args.world_size, args.batch_size, args.seq_len, args.activation_checkpointing,
+                            args.gpu_memory_gib, PAPER_PARAMETERS.get(args.preset))
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    schedule = (f"schedule: {args.steps:,} steps ({args.steps * args.batch_size * args.seq_len / 1e9:,.1f}B tokens), "
+                f"lr {args.lr:g}, warm-up {warmup:,} steps, cosine to {args.min_lr_ratio:g} x lr, weight decay "
+                f"{args.weight_decay:g}, z-loss {args.z_loss:g}, grad clip {args.grad_clip:g}")
+    return report + "\n" + schedule
+
+
+# ----------------------------------------------------------------------------
+# streaming data
+
+
+def streaming_sets(args, tokenizer: TextTokenizer, rank: int, world: int):
+    """Training stream over all shards but the last (sorted by path); the last one's start is the eval set."""
+    from pararnn_torch import data as data_mod
+
+    if not args.data:
+        raise SystemExit("error: --streaming needs --data (a folder or glob of .jsonl/text shards)")
+    paths = data_mod.shard_paths(args.data)
+    if len(paths) < 2:
+        raise data_mod.DataError(f"--streaming needs at least 2 shards (the last is held out for evaluation), "
+                                 f"found {len(paths)} in {args.data}")
+    train_set = data_mod.StreamingShards(paths[:-1], tokenizer, args.seq_len, args.seed, rank, world)
+    # enough characters for the eval batches at >= 1 token per 4 characters (bytes: 1 per character)
+    need = 4 * (args.eval_batches * args.batch_size * args.seq_len + 1)
+    eval_docs = data_mod.read_first_documents(paths[-1:], need)
+    eval_set = data_mod.PackedSequences(*data_mod.pack(eval_docs, tokenizer), args.seq_len, args.seed)
+    return train_set, eval_set
+
+
+def gather_stream_state(stream, world: int) -> list[list[int]]:
+    """Every process's cursor (all processes call this), as a list per rank for the run state."""
+    mine = torch.tensor(stream.state(), dtype=torch.int64)
+    if world == 1:
+        return [mine.tolist()]
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine)
+    return [t.tolist() for t in everyone]
+
+
+def load_stream_state(stream, saved, rank: int, world: int):
+    if not saved:
+        raise SystemExit("error: --streaming --resume, but the saved run did not stream its data; resume without "
+                         "--streaming")
+    if len(saved) != world:
+        raise SystemExit(f"error: the streaming run was saved with {len(saved)} processes; resume it with "
+                         f"{len(saved)} (each process continues in its own shards), not {world}")
+    stream.load_state(saved[rank])

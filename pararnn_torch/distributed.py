@@ -20,6 +20,7 @@ import base64
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,6 +76,8 @@ def shard(model: ParaRNNLM, bf16: bool):
     """FSDP2 per block, then the root. bf16: bf16 weights in compute, fp32 gradient reduction."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # a block returns its cell state as a view of the output sequence; nothing updates it in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
     for block in model.layers:
         fully_shard(block, mp_policy=policy)
@@ -89,8 +92,16 @@ def _config_dict(config: LMConfig) -> dict:
     return {**config.to_dict(), "torch_dtype": "float32"}
 
 
-def write_run_folder(out: Path, config: LMConfig, tokenizer: TextTokenizer, force: bool):
-    """config.json and the tokenizer, before any weights exist (written to a temporary folder, then renamed)."""
+def write_run_folder(out: Path, config: LMConfig, tokenizer: TextTokenizer, force: bool, rank: int):
+    """config.json and the tokenizer, before any weights exist (written to a temporary folder, then renamed).
+    Every process calls this: none may still be checking that ``out`` is free when rank 0 creates it."""
+    dist.barrier()
+    if rank == 0:
+        _write_run_folder(out, config, tokenizer, force)
+    dist.barrier()
+
+
+def _write_run_folder(out: Path, config: LMConfig, tokenizer: TextTokenizer, force: bool):
     checkpoint.check_writable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -326,9 +337,11 @@ def streaming_sets(args, tokenizer: TextTokenizer, rank: int, world: int):
 
 def gather_stream_state(stream, world: int) -> list[list[int]]:
     """Every process's cursor (all processes call this), as a list per rank for the run state."""
-    mine = torch.tensor(stream.state(), dtype=torch.int64)
     if world == 1:
-        return [mine.tolist()]
+        return [stream.state()]
+    # NCCL gathers CUDA tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    mine = torch.tensor(stream.state(), dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine)
     return [t.tolist() for t in everyone]

@@ -220,8 +220,8 @@ def train(args) -> dict:
             raise SystemExit(f"error: {e}") from None
         torch.manual_seed(args.seed)
         model = ParaRNNLM(config, mode=args.mode, device=device)
-        if args.fsdp and ddp.main:  # fsdp hook: config and tokenizer now, weights at the first export
-            scale.write_run_folder(out, config, tokenizer, args.force)
+        if args.fsdp:  # fsdp hook: config and tokenizer now, weights at the first export
+            scale.write_run_folder(out, config, tokenizer, args.force, ddp.rank)
     try:
         if args.streaming:  # scale hook: shards read as training goes, the last one held out for evaluation
             train_set, eval_set = scale.streaming_sets(args, tokenizer, ddp.rank, ddp.world)

@@ -198,7 +198,8 @@ def train(args) -> dict:
     state_file = out / scale.SHARDED_DIR / scale.SHARDED_STATE if args.fsdp else out / TRAINING_STATE
     resuming = args.resume and state_file.is_file()
     if args.resume and not resuming:
-        raise SystemExit(f"error: --resume, but {state_file} does not exist")
+        hint = "; it is an FSDP run folder: add --fsdp" if not args.fsdp and scale.has_sharded_state(out) else ""
+        raise SystemExit(f"error: --resume, but {state_file} does not exist{hint}")
     if not resuming:
         try:
             check_writable(out, args.force)

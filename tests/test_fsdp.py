@@ -98,6 +98,8 @@ def test_export_rebuilds_the_weights_from_the_shards(tmp_path, corpus):
     for name in exported:
         assert torch.equal(exported[name], again[name]), name
     assert (out / "fsdp_checkpoint" / "training_state.json").is_file()  # kept by the export
+    with pytest.raises(SystemExit, match="it is an FSDP run folder: add --fsdp"):
+        run(["--out", str(out), "--data", str(corpus), "--steps", "4", *TINY, "--resume"])
     with pytest.raises(SystemExit, match="--export needs an FSDP run folder"):
         run(["--out", str(tmp_path / "nothing"), "--export"])
 

@@ -54,7 +54,7 @@ TABLE = SolverTable(
         # Newton in framework ops reads its residual to stop: not inside mx.compile (auto then takes sequential)
         SolverEntry("parallel", _parallel, _always, honours=ALL_SETTINGS, traceable=False),
         SolverEntry("kernel", _kernel, lambda cell, key: metal_scan.unavailable_reason(_device(key)),
-                    honours=ALL_SETTINGS - {"chunk"}, traceable=False, device_types=("gpu",)),
+                    honours=ALL_SETTINGS - {"chunk"}, traceable=False),
         # CPU: the exact sweep of the shared C++ library, through host memory (not inside mx.compile)
         SolverEntry("fused", _fused, lambda cell, key: fused_unavailable_reason(cell, _device(key)), exact=True,
                     traceable=False, device_types=("cpu",)),

@@ -175,7 +175,10 @@ def evaluate(model, batches, device, autocast) -> float:
 
 def _pick_device(name):
     if name:
-        return torch.device(name)
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise CLIError(f"--device {name!r} is not a torch device; expected e.g. cpu, cuda, cuda:1") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

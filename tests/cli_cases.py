@@ -4,7 +4,7 @@ Each case runs one tool's ``main(argv)`` and expects exit status 2 with one line
 ``<tool>: error: ...`` containing ``expect``, no traceback, and (``no_output``) no ``{tmp}/out``.
 ``{tmp}`` is the test's folder; ``setup`` makes its input files; ``fault`` names a simulated
 fault (``enospc``: the backend's weight writer fails with ENOSPC; ``locked``: another process
-holds the lock of ``{tmp}/out``).
+holds the lock of ``{tmp}/out``; ``race``: someone creates ``{tmp}/out`` while the weights are written).
 """
 
 from __future__ import annotations
@@ -88,6 +88,7 @@ CASES = [
     Case("train-eval-fraction-1", "train", [*T, "--eval-fraction", "1"], "expected a fraction in [0, 1)"),
     Case("train-steps-0", "train", [*T, "--steps", "0"], "argument --steps: expected an integer >= 1"),
     Case("train-seq-len-text", "train", [*T, "--seq-len", "long"], "argument --seq-len: expected an integer"),
+    Case("train-bad-device", "train", [*T, "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
     Case("train-unknown-flag", "train", [*T, "--learning-rate", "1"], "unrecognized arguments: --learning-rate"),
     # data
     Case("train-seq-len-over-train-split", "train", [*T, "--seq-len", "100000"],
@@ -138,6 +139,9 @@ CASES = [
          no_output=False),
     Case("from-apple-disk-full", "convert", ["from-apple", "--checkpoint", "{tmp}/apple.pt", "--out", "{tmp}/out"],
          "no space left on device", setup=apple_checkpoint, fault="enospc"),
+    Case("from-apple-out-created-meanwhile", "convert", ["from-apple", "--checkpoint", "{tmp}/apple.pt", "--out",
+                                                         "{tmp}/out"], "created by someone else while this one was "
+         "being written; nothing was replaced", setup=apple_checkpoint, fault="race", no_output=False),
     # pararnn-demo
     Case("demo-temp-nan", "demo", ["--out", "{tmp}/out", "--temp", "nan"], "argument --temp: expected a finite"),
     Case("demo-top-p-0", "demo", ["--out", "{tmp}/out", "--top-p", "0"], "argument --top-p: expected a number > 0"),

@@ -27,6 +27,10 @@ def _full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
 
 
+def _assert_untouched(folder):
+    assert [p.name for p in folder.iterdir()] == ["theirs.txt"]
+
+
 def _inject(case: Case, tmp_path, monkeypatch, request):
     if case.fault == "enospc":
         if case.tool == "train":
@@ -35,6 +39,18 @@ def _inject(case: Case, tmp_path, monkeypatch, request):
             monkeypatch.setattr("mlx.core.save_safetensors", _full_disk)
         else:
             monkeypatch.setattr("safetensors.torch.save_file", _full_disk)
+    elif case.fault == "race":
+        import safetensors.torch
+
+        real_save = safetensors.torch.save_file
+
+        def save_while_someone_creates_out(tensors, path, metadata=None):
+            (tmp_path / "out").mkdir()
+            (tmp_path / "out" / "theirs.txt").write_text("keep")
+            real_save(tensors, path, metadata=metadata)
+
+        monkeypatch.setattr("safetensors.torch.save_file", save_while_someone_creates_out)
+        request.addfinalizer(lambda: _assert_untouched(tmp_path / "out"))
     elif case.fault == "locked":
         holder = subprocess.Popen(
             [sys.executable, "-c", "import sys, time\nfrom pararnn_core.safe_folder import FolderLock\n"

@@ -88,7 +88,7 @@ def one_line(message: str) -> str:
 USER_ERRORS = (CLIError, ValueError, OSError)
 
 
-def run_cli(prog: str, body: Callable[[], int | None], disk_full_hint: str = "") -> int:
+def run_cli(prog: str, body: Callable[[], int | None], disk_full_hint: str = "", interrupt_hint: str = "") -> int:
     """Run ``body``; a user error (bad flag or file, busy folder, full disk) becomes one line on
     stderr and exit status 2; Ctrl-C one line and status 130."""
     try:
@@ -102,5 +102,5 @@ def run_cli(prog: str, body: Callable[[], int | None], disk_full_hint: str = "")
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted{interrupt_hint}", file=sys.stderr)
         return 130

@@ -399,7 +399,8 @@ def run(argv=None) -> dict:
 
 def main(argv=None) -> int:
     hint = "the last complete checkpoint in --out is intact and no partial files are left; "
-    return run_cli("pararnn-train", lambda: run(argv) and 0, disk_full_hint=hint)
+    return run_cli("pararnn-train", lambda: run(argv) and 0, disk_full_hint=hint,
+                   interrupt_hint="; --out holds the last complete checkpoint, --resume continues from it")
 
 
 if __name__ == "__main__":

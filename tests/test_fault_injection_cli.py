@@ -18,18 +18,18 @@ from tests.test_checkpoint_safety import run_plan
 from tests.test_lm_train import TINY
 
 #: (fault point, kill at its n-th occurrence, no-exchange protocol, step the folder holds after the kill);
-#: the run saves at steps 2 (the first save: "placed") and 4 (a replacement), which is killed
+#: the 3-step run saves at steps 1 (the first save: "placed"), 2 (a replacement, which is killed) and 3
 TRAIN_FAULTS = [
-    ("placed", 1, False, 2),
-    ("staging-created", 2, False, 2),
-    ("staging-partial", 2, False, 2),
-    ("staging-written", 2, False, 2),
-    ("staging-synced", 2, False, 2),
-    ("swapped", 1, False, 4),
-    ("cleaned", 2, False, 4),
-    ("marked-complete", 1, True, 2),
-    ("old-moved-aside", 1, True, 4),
-    ("new-in-place", 1, True, 4),
+    ("placed", 1, False, 1),
+    ("staging-created", 2, False, 1),
+    ("staging-partial", 2, False, 1),
+    ("staging-written", 2, False, 1),
+    ("staging-synced", 2, False, 1),
+    ("swapped", 1, False, 2),
+    ("cleaned", 2, False, 2),
+    ("marked-complete", 1, True, 1),
+    ("old-moved-aside", 1, True, 2),
+    ("new-in-place", 1, True, 2),
 ]
 
 
@@ -58,7 +58,7 @@ def killed(tmp_path_factory, corpus):
     from pararnn_convert.cli import main as convert
 
     root = tmp_path_factory.mktemp("faults")
-    flags = ["--data", str(corpus), "--steps", "6", "--save-every", "2", *TINY]
+    flags = ["--data", str(corpus), "--steps", "3", "--save-every", "1", *TINY, "--d-model", "16", "--seq-len", "16"]
     plan = []
     for point, nth, no_exchange, _ in TRAIN_FAULTS:
         out = root / f"train-{point}-{'renames' if no_exchange else 'exchange'}"
@@ -88,7 +88,7 @@ def test_train_killed_at_every_save_point_resumes_to_the_same_weights(killed):
         else:
             load_lm(out)
             assert checkpointing.load_run(out).step == step, point
-        assert run(["--out", str(out), "--resume"])["step"] == 6, point
+        assert run(["--out", str(out), "--resume"])["step"] == 3, point
         weights = load_file(str(out / checkpoint.WEIGHTS_FILE))
         for name, value in reference.items():
             assert torch.equal(weights[name], value), (point, name)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from pararnn_core import presets, sizing
+from pararnn_core.cli_args import CLIError
 from pararnn_core.lm_config import LMConfig
 from pararnn_torch import data as data_mod
 from pararnn_torch.lm import ParaRNNLM
@@ -98,33 +99,86 @@ def test_export_rebuilds_the_weights_from_the_shards(tmp_path, corpus):
     for name in exported:
         assert torch.equal(exported[name], again[name]), name
     assert (out / "fsdp_checkpoint" / "training_state.json").is_file()  # kept by the export
-    with pytest.raises(SystemExit, match="it is an FSDP run folder: add --fsdp"):
+    with pytest.raises(CLIError, match="it is an FSDP run folder: add --fsdp"):
         run(["--out", str(out), "--data", str(corpus), "--steps", "4", *TINY, "--resume"])
-    with pytest.raises(SystemExit, match="--export needs an FSDP run folder"):
+    # the resume checks cover the scale flags: a preset counts as giving its flags, streaming is fixed
+    with pytest.raises(CLIError, match=r"--d-model 1024 \(the run has 32\);.* --preset 400m \(the run has None\)"):
+        run(["--out", str(out), "--fsdp", "--preset", "400m", "--resume"])
+    with pytest.raises(CLIError, match=r"--streaming True \(the run has False\)"):
+        run(["--out", str(out), "--fsdp", "--streaming", "--resume"])
+    with pytest.raises(CLIError, match="--export needs an FSDP run folder"):
         run(["--out", str(tmp_path / "nothing"), "--export"])
 
 
-def test_fsdp_two_gloo_processes_match_one_process_resume_and_convert(tmp_path, corpus):
-    common = ["--data", str(corpus), "--steps", "4", "--save-every", "2", *TINY]
-    run(["--out", str(tmp_path / "one"), "--fsdp", *common])
-    stdout = _torchrun(["--out", str(tmp_path / "two"), "--fsdp", *common, "--stop-after", "2"])
+def test_fsdp_two_gloo_processes_match_one_process_resume_resharded_and_convert(tmp_path, corpus):
+    # one torchrun launch: 2 processes train steps 1-2 (and evaluate at step 2), export and stop; the run then
+    # resumes in this process (DCP reshards 2 -> 1) and must end where one process alone ends
+    common = ["--data", str(corpus), "--steps", "4", "--save-every", "2", *TINY, "--eval-every", "2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(["--out", str(one), "--fsdp", *common, "--stop-after", "2"])
+    one_at_2 = _weights(one)
+    run(["--out", str(one), "--fsdp", *common, "--resume"])
+    stdout = _torchrun(["--out", str(two), "--fsdp", *common, "--stop-after", "2"])
     assert "2 process(es) on cpu, float32, FSDP" in stdout
-    _torchrun(["--out", str(tmp_path / "two"), "--fsdp", *common, "--resume"])
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert len(one) == len(two) == 6
-    for a, b in zip(one, two):
-        key = "train_loss" if "train_loss" in a else "eval_loss"
-        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a, b)
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-5), name
+    assert sorted(p.name for p in (two / "fsdp_checkpoint").glob("rank-*")) == [
+        "rank-00000.safetensors", "rank-00001.safetensors"]
+    assert not [p.name for p in two.iterdir() if ".tmp-" in p.name]  # the staging folder was committed
+    two_at_2 = _weights(two)  # gathered from the 2 processes' shards
+    for name in one_at_2:
+        assert torch.allclose(one_at_2[name], two_at_2[name], atol=1e-5), name
     from pararnn_convert.cli import main as convert
 
-    assert convert(["to-mlx", "--model", str(tmp_path / "two"), "--out", str(tmp_path / "mlx"),
-                    "--dtype", "float32"]) == 0
+    assert convert(["to-mlx", "--model", str(two), "--out", str(tmp_path / "mlx"), "--dtype", "float32"]) == 0
     mlx = load_file(str(tmp_path / "mlx" / "model.safetensors"))
-    assert mlx.keys() == b.keys()
-    assert torch.allclose(mlx["embed.weight"], b["embed.weight"])
+    assert mlx.keys() == two_at_2.keys()
+    assert torch.allclose(mlx["embed.weight"], two_at_2["embed.weight"])
+    run(["--out", str(two), "--fsdp", *common, "--resume"])
+    a, b = _metrics(one), _metrics(two)
+    assert len(a) == len(b) == 6  # 4 train lines, eval at steps 2 and 4
+    for x, y in zip(a, b):
+        key = "train_loss" if "train_loss" in x else "eval_loss"
+        assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-6), (x, y)
+    a, b = _weights(one), _weights(two)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), name
+
+
+#: (fault point, its n-th occurrence, no-exchange protocol, step of the sharded state left): the 3-step run
+#: commits its run folder (config, tokenizer) once, then its shards at steps 1 (placed) and 2 (a replacement,
+#: which is killed: shards half written, exchanged but the old version not deleted, and with the rename
+#: fallback between moving the old aside and the new in, where fsdp_checkpoint/ is missing). The other points
+#: are the same code (safe_folder.commit) as in test_fault_injection_cli.py.
+FSDP_FAULTS = [
+    ("staging-partial", 2, False, 1),
+    ("swapped", 1, False, 2),
+    ("old-moved-aside", 1, True, None),
+]
+
+
+def test_fsdp_killed_during_a_sharded_save_resumes_to_the_same_weights(tmp_path, corpus):
+    from pararnn_core import safe_folder
+    from pararnn_torch import checkpointing
+    from tests.test_checkpoint_safety import run_plan
+
+    flags = ["--fsdp", "--data", str(corpus), "--steps", "3", "--save-every", "1", *TINY]
+    plan = [{"entry": "train", "argv": ["--out", str(tmp_path / f"killed-{point}"), *flags],
+             "fault": f"{point}@{nth}", "no_exchange": no_exchange} for point, nth, no_exchange, _ in FSDP_FAULTS]
+    was_killed, stderr = run_plan(tmp_path, plan, timeout=300)
+    assert all(was_killed), (was_killed, stderr[-3000:])
+    run(["--out", str(tmp_path / "straight"), *flags])
+    reference = _weights(tmp_path / "straight")
+    for item, (point, _, _, step) in zip(plan, FSDP_FAULTS):
+        out = Path(item["argv"][1])
+        sharded = out / "fsdp_checkpoint"
+        if step is None:  # the next writer puts the complete new version back
+            assert not sharded.exists() and safe_folder.missing_hint(sharded), point
+        else:
+            assert checkpointing.load_run(sharded).step == step, point
+        assert run(["--out", str(out), *flags, "--resume"])["step"] == 3, point
+        weights = _weights(out)
+        for name, value in reference.items():
+            assert torch.equal(weights[name], value), (point, name)
+        assert safe_folder.leftovers(sharded) == [] and safe_folder.leftovers(out) == [], point
 
 
 def test_activation_checkpointing_gives_the_same_training_and_less_memory(tmp_path, corpus):

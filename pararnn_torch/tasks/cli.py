@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args) -> RunSettings:
     settings = preset_settings(args.task, args.preset)
     changes = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k) is not None}
+    if "lr" in changes:
+        changes["model_lr"] = ()  # --lr sets every model's learning rate
     try:
         return settings.replace(**changes) if changes else settings
     except ValueError as exc:
@@ -228,12 +230,15 @@ def main(argv=None) -> int:
         "seeds": args.seeds,
         "machine": machine,
         "total_wall_seconds": time.perf_counter() - started,
+        "total_cpu_seconds": sum(r["cpu_seconds"] for runs in results.values() for r in runs.values()),
         "results": results,
         "summary": summarize(results),
     }
     print(format_table(results))
-    print(f"total {document['total_wall_seconds']:.0f} s; load average {machine['load_average_at_end'][0]:.1f} "
-          f"at the end")
+    cpu = document["total_cpu_seconds"]
+    print(f"total {document['total_wall_seconds']:.0f} s wall, {cpu:.0f} s CPU in the runs "
+          f"(~{cpu / machine['cpu_count']:.0f} s on {machine['cpu_count']} idle cores); load average "
+          f"{machine['load_average_at_end'][0]:.1f} at the end")
     if args.json is not None:
         write_json(args.json, document)
         png = args.png or args.json.with_suffix(".png")

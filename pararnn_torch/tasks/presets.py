@@ -35,6 +35,8 @@ class RunSettings:
     batch_size: int = 16
     steps: int = 10_000
     lr: float = 5e-4
+    #: per-model learning rates that replace ``lr`` for those models, as (model, lr) pairs
+    model_lr: tuple = ()
     warmup_steps: int = 100
     weight_decay: float = 0.01
     grad_clip: float = 1.0
@@ -48,6 +50,9 @@ class RunSettings:
     @property
     def task_settings(self) -> TaskSettings:
         return TaskSettings(self.task, self.seq_len, self.vocab_size, self.task_param)
+
+    def lr_for(self, model: str) -> float:
+        return dict(self.model_lr).get(model, self.lr)
 
     def replace(self, **changes) -> RunSettings:
         return dataclasses.replace(self, **changes)
@@ -67,7 +72,9 @@ def paper_settings(task: str) -> RunSettings:
 
 #: the CPU preset's changes to the paper's settings, per task (length stays 100 everywhere)
 _CPU_CHANGES = {
-    "parity": {"test_samples": 2_000, "steps": 2_000, "lr": 1e-2, "eval_every": 100, "eval_samples": 500},
+    # tuned on seeds 0-2 here: ParaGRU failed one seed at 1e-2 and ParaLSTM one at 3e-3 and at 5e-3
+    "parity": {"test_samples": 2_000, "steps": 1_500, "lr": 1e-2, "model_lr": (("paragru", 3e-3),),
+               "eval_every": 100, "eval_samples": 500},
     "mqar": {"test_samples": 2_000, "steps": 1_000, "lr": 3e-3, "eval_every": 100, "eval_samples": 500},
     "khop": {"test_samples": 2_000, "steps": 1_500, "lr": 3e-3, "eval_every": 100, "eval_samples": 500},
     "keepnth": {"test_samples": 2_000, "steps": 1_500, "lr": 3e-3, "eval_every": 100, "eval_samples": 500},

@@ -75,7 +75,8 @@ def train_run(model_name: str, settings: RunSettings, seed: int, data: TaskData,
     """
     torch.manual_seed(seed)
     model = build_model(model_name, settings)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    lr = settings.lr_for(model_name)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, settings.warmup_steps, settings.steps))
     order = np.random.default_rng(seed)
@@ -84,7 +85,7 @@ def train_run(model_name: str, settings: RunSettings, seed: int, data: TaskData,
 
     history = []
     batches = np.empty(0, dtype=np.int64)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     step = 0
     while step < settings.steps:
         if len(batches) < settings.batch_size:
@@ -115,6 +116,9 @@ def train_run(model_name: str, settings: RunSettings, seed: int, data: TaskData,
         "parameters": model.num_parameters(),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
+        # CPU time of the run's process: what the run costs on an idle core, whatever the machine's load
+        "cpu_seconds": time.process_time() - cpu_started,
+        "lr": lr,
         "mixer_mode": getattr(model.mixer, "last_solve", None) and model.mixer.last_solve.mode,
         "history": history,
     }

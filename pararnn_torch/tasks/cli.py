@@ -75,6 +75,9 @@ def settings_from_args(args) -> RunSettings:
 
 
 def import_cell_modules(modules):
+    # a console script's sys.path lacks the current folder, where a user's cell file usually is
+    if modules and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     for name in modules:
         try:
             importlib.import_module(name)

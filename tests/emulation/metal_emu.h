@@ -74,5 +74,7 @@ using namespace metal;
 #define device
 #define constant
 #define thread
-#define threadgroup static
+#define threadgroup static __attribute__((section("emu_shared")))
+// the coalescing probe (metal/common/pr_metal_common.metal)
+#define PR_TRACE_GLOBAL(pointer, bytes, is_store) emu::trace_global(pointer, unsigned(bytes))
 #define METAL_FUNC inline

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from tests.emulation.harness import (
-    METAL,
     EmulationError,
     access_report,
     compile_cuda,
@@ -24,10 +23,6 @@ pytestmark = pytest.mark.skipif(
     not have_compiler(), reason="g++ not found: the GPU kernel emulation needs a C++ compiler"
 )
 
-CHUNK = 3  # Metal scan: steps per thread; odd so that T is rarely a multiple of it
-# (B, T, N, threads): T = 1; T not a multiple of the chunk or the warp; T over
-# several tiles of one block (carry); several blocks; 3 warps per block
-SHAPES = [(1, 1, 2, 64), (2, 45, 1, 64), (2, 400, 3, 64), (1, 300, 2, 96)]
 DIRECTIONS = [(False, False), (False, True), (True, False), (True, True)]  # (reverse, with h0)
 
 # The CUDA scan runs through its own launcher (csrc/scan/scan_cuda.cu: geometry and template instances as
@@ -113,36 +108,48 @@ def test_cuda_scan_is_coalesced():
         assert efficiency >= 0.5, f"{name}: {efficiency:.1%} sector efficiency"
 
 
-def metal_scan(K, A, b, h0, dims):
-    return compile_metal(
-        "pararnn_scan",
-        (METAL / "scan" / "scan.metal").read_text(),
-        inputs=[("A", A), ("b", b), ("h0", h0), ("dims", dims)],
-        outputs=[("h", np.float32)],
-        template=[("T", np.float32), ("K", K), ("CHUNK", CHUNK)],
-        header=(METAL / "scan" / "scan_header.metal").read_text(),
-    )
+@functools.cache
+def metal_scan(K):
+    """The Metal scan as pararnn_mlx/metal_scan.py builds it: its body, header and template."""
+    metal_scan = pytest.importorskip("pararnn_mlx.metal_scan")
+    body, header = metal_scan.kernel_source()
+    A, b, h0 = random_scan_inputs(1, 2, K, 2, np.float32, True)
+    inputs = [("A", A), ("b", b), ("h0", h0), ("dims", np.zeros(5, np.uint32))]
+    template = metal_scan.template(np.float32, K)
+    return compile_metal("pararnn_scan", body, inputs=inputs, outputs=[("h", np.float32)], template=template,
+                         header=header), metal_scan.dispatch  # fmt: skip
 
 
-@pytest.mark.parametrize("K", [1, 2])
+def run_metal_scan(A, b, h0, reverse):
+    B, T, K, N = b.shape
+    kernel, dispatch = metal_scan(K)
+    h0_arg = h0 if h0 is not None else np.zeros(1, np.float32)
+    dims = np.array([B, T, N, reverse, h0 is not None], np.uint32)
+    grid, group = dispatch(B, N)
+    (h,) = kernel([A, b, h0_arg, dims], grid=grid, threadgroup=group, output_shapes=[(B, T, K, N)])
+    return h
+
+
+# the loader accepts any K; the Metal layers use K = 1 and 2 (and K = 4 for 2x2 blocks of the scan op)
+@pytest.mark.parametrize("K", [1, 2, 4])
 def test_metal_scan_kernel_matches_framework_scan(K):
     # Metal has no float64: the Metal kernel computes in float32 for every storage type
-    dtype = np.float32
-    kernel = None
-    for B, T, N, threads in SHAPES:
+    for B, T, N in [(1, 1, 3), (2, 70, 37)]:
         for reverse, with_h0 in DIRECTIONS:
-            A, b, h0 = random_scan_inputs(B, T, K, N, dtype, with_h0, seed=T + K)
-            h0_arg = h0 if with_h0 else np.zeros(1, dtype)
-            dims = np.array([B, T, N, reverse, with_h0], np.uint32)
-            kernel = kernel or metal_scan(K, A, b, h0_arg, dims)
-            (h,) = kernel(
-                [A, b, h0_arg, dims],
-                grid=(threads, B * N, 1),
-                threadgroup=(threads, 1, 1),
-                output_shapes=[(B, T, K, N)],
-            )
-            err = np.abs(h - reference_scan(A, b, h0, reverse)).max()
-            assert err <= tolerance(dtype, T), f"B={B} T={T} N={N} K={K} reverse={reverse} h0={with_h0}: {err}"
+            A, b, h0 = random_scan_inputs(B, T, K, N, np.float32, with_h0, seed=T + K)
+            err = np.abs(run_metal_scan(A, b, h0, reverse) - reference_scan(A, b, h0, reverse)).max()
+            assert err <= tolerance(np.float32, T), f"B={B} T={T} N={N} K={K} reverse={reverse} h0={with_h0}: {err}"
+
+
+def test_metal_scan_is_coalesced():
+    """Sector efficiency of the Metal scan, float32, B=4, N=256, K=2; T=256 instead of 2048 (emulator speed)."""
+    A, b, _ = random_scan_inputs(4, 256, 2, 256, np.float32, False, seed=2)
+    kernel, _ = metal_scan(2)
+    reset_access_report(kernel._dll)
+    run_metal_scan(_aligned(A), _aligned(b), None, False)
+    ((name, (_, useful, sectors)),) = access_report(kernel._dll).items()
+    print(f"{useful / sectors:6.1%}  metal {name}")
+    assert useful / sectors >= 0.5
 
 
 # ----------------------------------------------------------------------------- the harness itself
@@ -183,26 +190,6 @@ def test_metal_outputs_start_poisoned():
     (out,) = kernel([x], grid=(64, 1, 1), threadgroup=(32, 1, 1), output_shapes=[(64,)])
     np.testing.assert_array_equal(out[0::2], x[0::2])
     assert np.isnan(out[1::2]).all()
-
-
-def test_metal_kernel_with_the_loader_dispatch():
-    """The launch parameters pararnn_mlx/metal_scan.py uses on a Mac (CHUNK, threads per threadgroup)."""
-    metal_scan = pytest.importorskip("pararnn_mlx.metal_scan")
-    B, T, K, N = 1, 1500, 2, 3
-    threads = metal_scan.threads_for(T)
-    assert threads % 32 == 0 and threads <= metal_scan.MAX_THREADS and threads * metal_scan.CHUNK < T  # several tiles
-    A, b, h0 = random_scan_inputs(B, T, K, N, np.float32, True)
-    dims = np.array([B, T, N, 0, 1], np.uint32)
-    kernel = compile_metal(
-        "pararnn_scan",
-        (METAL / "scan" / "scan.metal").read_text(),
-        inputs=[("A", A), ("b", b), ("h0", h0), ("dims", dims)],
-        outputs=[("h", np.float32)],
-        template=[("T", np.float32), ("K", K), ("CHUNK", metal_scan.CHUNK)],
-        header=(METAL / "scan" / "scan_header.metal").read_text(),
-    )
-    (h,) = kernel([A, b, h0, dims], grid=(threads, B * N, 1), threadgroup=(threads, 1, 1), output_shapes=[b.shape])
-    assert np.abs(h - reference_scan(A, b, h0)).max() <= tolerance(np.float32, T)
 
 
 def test_mlx_kernel_mode_explains_why_it_is_unavailable_without_metal():

@@ -12,6 +12,7 @@ tests/test_fused_metal_emulation.py; no Mac was available to run them.)
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 
 import mlx.core as mx
@@ -21,8 +22,9 @@ from pararnn_core.cell import Cell
 from pararnn_core.codegen import CodegenError, NativeBuildError, definition_hash, load_cpu_library
 from pararnn_core.codegen.native import compiler
 from pararnn_core.codegen.sources import metal_kernel_sources
-from pararnn_core.newton import NewtonConfig, SolveInfo
+from pararnn_core.newton import NewtonConfig, NewtonConvergenceError, NewtonConvergenceWarning, SolveInfo
 from pararnn_mlx.ops import from_numpy
+from pararnn_mlx.solver import solve_sequential
 
 _libraries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -89,42 +91,66 @@ def _solve_cpu(cell, u, recurrent, h0, resets):
     return out, SolveInfo(mode="fused")
 
 
-#: threads per threadgroup and steps per thread of the Metal kernels (tiles of 512 steps)
-METAL_THREADS, METAL_CHUNK = 64, 8
+#: launch geometry of the Metal kernels (metal/fused/*.metal): threadgroups of METAL_LANES channels x
+#: METAL_GROUPS time groups, METAL_CHUNK steps per thread (tiles of 64 steps)
+METAL_LANES, METAL_GROUPS, METAL_CHUNK = 32, 8, 8
+METAL_REDUCE_THREADS = 256
 _INPUTS = ["u", "params", "bias", "h0", "resets"]
 
 
+def metal_template() -> list:
+    return [("GROUPS", METAL_GROUPS), ("CHUNK", METAL_CHUNK)]
+
+
+def metal_dispatch(batch: int, channels: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(grid, threadgroup) of the forward and adjoint kernels in MLX's convention (grid counts threads)."""
+    blocks = batch * -(-channels // METAL_LANES)
+    return (METAL_LANES * blocks, METAL_GROUPS, 1), (METAL_LANES, METAL_GROUPS, 1)
+
+
+def metal_reduce_dispatch(channels: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    return (channels, 1, 1), (METAL_REDUCE_THREADS, 1, 1)
+
+
 @functools.cache
-def _metal_kernels(cell_key: str, header: str, forward_body: str, adjoint_body: str):
+def _metal_kernels(cell_key: str, header: str, forward_body: str, adjoint_body: str, reduce_body: str):
     forward = mx.fast.metal_kernel(
         name=f"pararnn_fused_forward_{cell_key}",
-        input_names=[*_INPUTS, "dims", "tol"],
-        output_names=["traj", "iterations"],
+        input_names=[*_INPUTS, "dims", "tol_damping"],
+        output_names=["traj", "iterations", "residual_out"],
         source=forward_body,
         header=header,
     )
     adjoint = mx.fast.metal_kernel(
         name=f"pararnn_fused_adjoint_{cell_key}",
         input_names=[*_INPUTS, "traj", "grad", "dims"],
-        output_names=["du", "dparams", "dbias", "dh0"],
+        output_names=["du", "partials", "dh0"],
         source=adjoint_body,
         header=header,
     )
-    return forward, adjoint
+    reduce = mx.fast.metal_kernel(
+        name=f"pararnn_fused_reduce_{cell_key}",
+        input_names=["partials", "dims"],
+        output_names=["dparams", "dbias"],
+        source=reduce_body,
+        header=header,
+    )
+    return forward, adjoint, reduce
 
 
 def _solve_metal(cell, u, recurrent, h0, resets, config):
     batch, steps, gates, channels = u.shape
     k = cell.state_size
-    forward, adjoint = _metal_kernels(f"{cell.name}_{definition_hash(cell)}", *metal_kernel_sources(cell))
+    forward, adjoint, reduce = _metal_kernels(f"{cell.name}_{definition_hash(cell)}", *metal_kernel_sources(cell))
     params_rows = recurrent.shape[0]
-    template = [("THREADS", METAL_THREADS), ("CHUNK", METAL_CHUNK)]
+    grid, threadgroup = metal_dispatch(batch, channels)
     flags = [0, int(h0 is not None), int(resets is not None)]  # has_bias (added by the layer), has_h0, has_resets
     fixed_inputs = [
         mx.zeros((gates, channels), mx.float32),
         resets if resets is not None else mx.zeros((batch, steps), mx.bool_),
     ]
-    infos = []
+    tol = config.tolerance(4)
+    reports = []
 
     def common(u, recurrent, h0_in):
         params = recurrent.astype(mx.float32) if params_rows else mx.zeros((1, channels), mx.float32)
@@ -134,39 +160,68 @@ def _solve_metal(cell, u, recurrent, h0, resets, config):
     @mx.custom_function
     def solve(u, recurrent, *initial):
         dims = mx.array([batch, steps, channels, config.max_its, *flags], mx.int32)
-        tol = mx.array([config.tolerance(4)], mx.float32)
-        traj, iterations = forward(
-            inputs=[*common(u, recurrent, initial[0] if initial else None), dims, tol],
-            template=template,
-            grid=(METAL_THREADS * batch * channels, 1, 1),
-            threadgroup=(METAL_THREADS, 1, 1),
-            output_shapes=[(batch, steps, k, channels), (batch * channels,)],
-            output_dtypes=[mx.float32, mx.int32],
-        )
-        infos.append(iterations)
+        traj, iterations, residual = forward(
+            inputs=[*common(u, recurrent, initial[0] if initial else None), dims,
+                    mx.array([tol, config.damping], mx.float32)],
+            template=metal_template(),
+            grid=grid,
+            threadgroup=threadgroup,
+            output_shapes=[(batch, steps, k, channels), (batch, channels), (batch, channels)],
+            output_dtypes=[mx.float32, mx.int32, mx.float32],
+        )  # fmt: skip
+        reports.append((iterations, residual))
         return traj.astype(u.dtype)
 
     @solve.vjp
     def solve_vjp(primals, grad_out, out):
         u, recurrent, *initial = primals
         dims = mx.array([batch, steps, channels, *flags], mx.int32)
-        d_u, d_params, _, d_h0 = adjoint(
+        d_u, partials, d_h0 = adjoint(
             inputs=[*common(u, recurrent, initial[0] if initial else None), out.astype(mx.float32),
                     grad_out.astype(mx.float32), dims],
-            template=template,
-            grid=(METAL_THREADS * channels, 1, 1),
-            threadgroup=(METAL_THREADS, 1, 1),
-            output_shapes=[(batch, steps, gates, channels), (max(1, params_rows), channels), (gates, channels),
+            template=metal_template(),
+            grid=grid,
+            threadgroup=threadgroup,
+            output_shapes=[(batch, steps, gates, channels), (batch, params_rows + gates, channels),
                            (batch, k, channels)],
-            output_dtypes=[mx.float32] * 4,
+            output_dtypes=[mx.float32] * 3,
         )  # fmt: skip
+        reduce_grid, reduce_group = metal_reduce_dispatch(channels)
+        d_params, _ = reduce(
+            inputs=[partials, mx.array([batch, channels], mx.int32)],
+            template=[],
+            grid=reduce_grid,
+            threadgroup=reduce_group,
+            output_shapes=[(max(1, params_rows), channels), (gates, channels)],
+            output_dtypes=[mx.float32] * 2,
+        )
         grads = (d_u.astype(u.dtype), d_params[:params_rows].astype(recurrent.dtype))
         return grads + ((d_h0.astype(initial[0].dtype),) if initial else ())
 
     out = solve(u, recurrent, *(() if h0 is None else (h0,)))
     info = SolveInfo(mode="fused")
-    if infos:
-        worst = int(mx.min(infos[-1]).item())
-        info.fell_back = worst < 0
-        info.iterations = int(mx.max(infos[-1]).item()) if worst >= 0 else -1
+    if reports:
+        iterations, residual = reports[-1]
+        info.iterations = int(mx.max(iterations).item())
+        info.residual = float(mx.max(residual).item())
+        info.converged = bool(info.residual <= tol)  # NaN compares false: not converged
+        if not info.converged:
+            out = _apply_failure_policy(cell, u, recurrent, h0, resets, config, info, tol, out)
     return out, info
+
+
+def _apply_failure_policy(cell, u, recurrent, h0, resets, config, info, tol, out):
+    """The kernel reports; the policy of NewtonConfig.on_failure decides (as the framework Newton solve)."""
+    msg = (
+        f"fused Metal Newton solve of cell {cell.name!r} did not reach tol={tol:g} in {config.max_its} iterations "
+        f"(residual {info.residual:.3g}). Raise NewtonConfig.max_its, loosen tol, or use mode='sequential'."
+    )
+    if config.on_failure == "raise":
+        raise NewtonConvergenceError(msg)
+    suffix = " Falling back to the sequential solve." if config.on_failure == "fallback" else ""
+    warnings.warn(msg + suffix, NewtonConvergenceWarning, stacklevel=4)
+    if config.on_failure != "fallback":
+        return out
+    info.fell_back = True
+    traj, _ = solve_sequential(cell, u, recurrent, h0, resets, None)
+    return traj

@@ -36,9 +36,9 @@ inline const emu::Dim3& grid_dim() { return emu::current_launch()->grid; }
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-// block-shared memory: one instance shared by the threads of the running block, in the emu_shared section
-// that the runtime poisons before every block and measures against the 48 KB limit
-#define __shared__ static __attribute__((section("emu_shared")))
+// block-shared memory: one instance shared by the threads of the running block (blocks run one at a time);
+// the runtime finds these statics in the symbol table, poisons them before every block and sums their size
+#define __shared__ static
 
 // the coalescing probe of csrc/common/pr_cuda_common.cuh
 #define PR_TRACE_GLOBAL(pointer, bytes, is_store) emu::trace_global(pointer, unsigned(bytes))

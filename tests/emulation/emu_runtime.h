@@ -6,7 +6,7 @@
 //    the poisoned or stale value; a barrier that not every thread reaches is reported (no runnable thread).
 //  * "concurrent": all threads of a block run at once (the mode for ThreadSanitizer, which sees a barrier as a
 //    synchronisation and any missing one as a race).
-// Strictness: blocks run in a shuffled order (PARARNN_EMU_SEED), block-shared memory (the emu_shared linker
+// Strictness: blocks run in a shuffled order (PARARNN_EMU_SEED), block-shared memory (every kernel
 // section) is poisoned with 0xff bytes (NaN in every float type) before every block, launch limits are checked
 // (threads per block, block/grid dimensions, shared memory), and every global access made through
 // PR_TRACE_GLOBAL is logged per thread so that the distinct 32-byte sectors of each warp-wide access are
@@ -15,6 +15,7 @@
 
 #include <cxxabi.h>
 #include <dlfcn.h>
+#include <elf.h>
 
 #include <algorithm>
 #include <atomic>
@@ -24,7 +25,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -35,9 +38,6 @@
 #include <thread>
 #include <vector>
 
-// block-shared memory of every kernel in this library (see the __shared__ / threadgroup macros)
-extern "C" unsigned char __start_emu_shared[] __attribute__((weak));
-extern "C" unsigned char __stop_emu_shared[] __attribute__((weak));
 
 namespace emu {
 
@@ -286,9 +286,64 @@ T warp_sum(T value) {
   return total;
 }
 
-inline std::string check_limits(const Limits& limits, Dim3 grid, Dim3 block) {
+// Block-shared memory: a kernel's __shared__ / threadgroup arrays are function-local statics (cuda_emu.h,
+// metal_emu.h). They are found in this library's ELF symbol table (local statics, mangled _ZZ..., outside
+// the emulator's own namespaces), so they can be poisoned before every block and sized per kernel.
+struct SharedArray {
+  unsigned char* address;
+  size_t bytes;
+  std::string name;  // demangled: "<enclosing function>::<variable>"
+};
+
+inline std::string demangle(const char* symbol) {
+  int status = 0;
+  char* text = abi::__cxa_demangle(symbol, nullptr, nullptr, &status);
+  std::string out = status == 0 && text ? text : symbol;
+  std::free(text);
+  return out;
+}
+
+inline const std::vector<SharedArray>& shared_arrays() {
+  static const std::vector<SharedArray> arrays = [] {
+    std::vector<SharedArray> out;
+    Dl_info info;
+    if (!dladdr(reinterpret_cast<const void*>(&shared_arrays), &info)) return out;
+    std::ifstream file(info.dli_fname, std::ios::binary);
+    const std::vector<char> elf((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+    const auto* header = reinterpret_cast<const Elf64_Ehdr*>(elf.data());
+    const auto* sections = reinterpret_cast<const Elf64_Shdr*>(elf.data() + header->e_shoff);
+    for (int i = 0; i < header->e_shnum; ++i) {
+      if (sections[i].sh_type != SHT_SYMTAB) continue;
+      const char* names = elf.data() + sections[sections[i].sh_link].sh_offset;
+      const auto* symbols = reinterpret_cast<const Elf64_Sym*>(elf.data() + sections[i].sh_offset);
+      for (size_t j = 0; j < sections[i].sh_size / sizeof(Elf64_Sym); ++j) {
+        const Elf64_Sym& sym = symbols[j];
+        const char* mangled = names + sym.st_name;
+        if (ELF64_ST_TYPE(sym.st_info) != STT_OBJECT || sym.st_size == 0 || std::strncmp(mangled, "_ZZ", 3) != 0)
+          continue;
+        std::string name = demangle(mangled);
+        if (name.rfind("emu", 0) == 0 || name.rfind("std::", 0) == 0) continue;  // the emulator's own state
+        out.push_back(SharedArray{static_cast<unsigned char*>(info.dli_fbase) + sym.st_value, size_t(sym.st_size),
+                                  name});
+      }
+    }
+    return out;
+  }();
+  return arrays;
+}
+
+// shared bytes of the kernel `name` (its statics' names start with the kernel's demangled name, or contain
+// the kernel expression a test launched)
+inline size_t shared_bytes_of(const std::string& name) {
+  size_t total = 0;
+  for (const SharedArray& a : shared_arrays())
+    if (a.name.find(name) != std::string::npos) total += a.bytes;
+  return total;
+}
+
+inline std::string check_limits(const std::string& name, const Limits& limits, Dim3 grid, Dim3 block) {
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
-  const size_t shared = size_t(__stop_emu_shared - __start_emu_shared);
+  const size_t shared = shared_bytes_of(name);
   char buf[256];
   if (threads == 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64) {
     std::snprintf(buf, sizeof buf, "%s launch limit: block (%u, %u, %u) exceeds 1024 threads or a block dimension",
@@ -342,7 +397,7 @@ inline void count_sectors(Launch& state, AccessStats& out) {
 // Runs body() once per thread of every block. Returns "" or an error message.
 inline std::string launch(const std::string& name, const Limits& limits, Dim3 grid, Dim3 block,
                           const std::function<void()>& body) {
-  std::string error = check_limits(limits, grid, block);
+  std::string error = check_limits(name, limits, grid, block);
   if (!error.empty()) return error;
   Launch state;
   state.grid = grid;
@@ -367,14 +422,13 @@ inline std::string launch(const std::string& name, const Limits& limits, Dim3 gr
   std::shuffle(order.begin(), order.end(), rng);
   AccessStats& totals = stats()[name];
   current_launch() = &state;
-  const size_t shared_bytes = size_t(__stop_emu_shared - __start_emu_shared);
   auto reset_block = [&] {
     state.block_barrier.reset(state.threads, scheduler);
     for (int w = 0; w < num_warps; ++w) {
       int width = std::min(kWarpSize, state.threads - w * kWarpSize);
       state.warps[w]->barrier.reset(width, scheduler);
     }
-    if (shared_bytes) std::memset(__start_emu_shared, 0xff, shared_bytes);  // NaN in every float type, -1 ints
+    for (const SharedArray& a : shared_arrays()) std::memset(a.address, 0xff, a.bytes);  // NaN in every float type
     for (auto& count : state.vote_counts) count.store(0);
   };
   std::mutex error_mutex;
@@ -432,11 +486,7 @@ inline std::string launch(const std::string& name, const Limits& limits, Dim3 gr
 inline std::string function_name(const void* address) {
   Dl_info info;
   if (!dladdr(address, &info) || !info.dli_sname) return "kernel";
-  int status = 0;
-  char* demangled = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
-  std::string name = status == 0 && demangled ? demangled : info.dli_sname;
-  std::free(demangled);
-  return name;
+  return demangle(info.dli_sname);
 }
 
 }  // namespace emu

@@ -31,7 +31,8 @@ REPO = HERE.parent.parent
 CSRC = REPO / "csrc"
 METAL = REPO / "metal"
 
-_CXX_FLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w"]
+# -fno-gnu-unique: each emulated library keeps its own statics (shared memory, access report), even inline ones
+_CXX_FLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-fno-gnu-unique"]
 
 #: C type per numpy dtype, as MLX's get_type_string writes it
 _METAL_TYPES = {

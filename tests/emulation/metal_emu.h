@@ -74,7 +74,15 @@ using namespace metal;
 #define device
 #define constant
 #define thread
-#define threadgroup static __attribute__((section("emu_shared")))
+#define threadgroup static
 // the coalescing probe (metal/common/pr_metal_common.metal)
 #define PR_TRACE_GLOBAL(pointer, bytes, is_store) emu::trace_global(pointer, unsigned(bytes))
 #define METAL_FUNC inline
+
+// simd_all / simd_any: a vote over the simdgroup (a warp exchange, so also a simdgroup barrier here)
+namespace metal {
+inline bool simd_all(bool predicate) {
+  return emu::warp_sum(int(predicate)) == emu::warp_width();
+}
+inline bool simd_any(bool predicate) { return emu::warp_sum(int(predicate)) > 0; }
+}  // namespace metal

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from tests.emulation.harness import (
+    BFLOAT16,
     EmulationError,
     access_report,
     compile_cuda,
@@ -108,37 +109,53 @@ def test_cuda_scan_is_coalesced():
         assert efficiency >= 0.5, f"{name}: {efficiency:.1%} sector efficiency"
 
 
+# storage types of the Metal scan (pararnn_mlx.metal_scan accepts float32, float16, bfloat16): numpy dtype of the
+# emulated arrays, conversion from and back to float64
+_METAL_STORAGE = {
+    "f32": (np.float32, lambda a: np.ascontiguousarray(a, np.float32), lambda a: a.astype(np.float64)),
+    "f16": (np.float16, lambda a: np.ascontiguousarray(a, np.float16), lambda a: a.astype(np.float64)),
+    "bf16": (BFLOAT16, lambda a: _bf16(a).view(BFLOAT16), lambda a: _STORAGE["bf16"][1](a.view(np.uint16))),
+}
+
+
 @functools.cache
-def metal_scan(K):
+def metal_scan(K, dtype="f32"):
     """The Metal scan as pararnn_mlx/metal_scan.py builds it: its body, header and template."""
     metal_scan = pytest.importorskip("pararnn_mlx.metal_scan")
     body, header = metal_scan.kernel_source()
-    A, b, h0 = random_scan_inputs(1, 2, K, 2, np.float32, True)
+    storage, to, _ = _METAL_STORAGE[dtype]
+    A, b, h0 = (to(x) for x in random_scan_inputs(1, 2, K, 2, np.float32, True))
     inputs = [("A", A), ("b", b), ("h0", h0), ("dims", np.zeros(5, np.uint32))]
-    template = metal_scan.template(np.float32, K)
-    return compile_metal("pararnn_scan", body, inputs=inputs, outputs=[("h", np.float32)], template=template,
+    template = metal_scan.template(storage, K)
+    return compile_metal("pararnn_scan", body, inputs=inputs, outputs=[("h", storage)], template=template,
                          header=header), metal_scan.dispatch  # fmt: skip
 
 
-def run_metal_scan(A, b, h0, reverse):
+def run_metal_scan(A, b, h0, reverse, dtype="f32"):
+    """h of the Metal scan for storage dtype (inputs rounded to it), and the rounded inputs, as float64."""
     B, T, K, N = b.shape
-    kernel, dispatch = metal_scan(K)
-    h0_arg = h0 if h0 is not None else np.zeros(1, np.float32)
+    kernel, dispatch = metal_scan(K, dtype)
+    _, to, back = _METAL_STORAGE[dtype]
+    A_s, b_s = _aligned(to(A)), _aligned(to(b))
+    h0_s = _aligned(to(h0)) if h0 is not None else to(np.zeros(1))
     dims = np.array([B, T, N, reverse, h0 is not None], np.uint32)
     grid, group = dispatch(B, N)
-    (h,) = kernel([A, b, h0_arg, dims], grid=grid, threadgroup=group, output_shapes=[(B, T, K, N)])
-    return h
+    (h,) = kernel([A_s, b_s, h0_s, dims], grid=grid, threadgroup=group, output_shapes=[(B, T, K, N)])
+    return back(h), back(A_s), back(b_s), (back(h0_s) if h0 is not None else None)
 
 
-# the loader accepts any K; the Metal layers use K = 1 and 2 (and K = 4 for 2x2 blocks of the scan op)
+# the loader accepts any K (layers use 1 and 2); every storage type it accepts
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize("K", [1, 2, 4])
-def test_metal_scan_kernel_matches_framework_scan(K):
+def test_metal_scan_kernel_matches_framework_scan(K, dtype):
     # Metal has no float64: the Metal kernel computes in float32 for every storage type
+    limit = {"f32": None, "f16": 2e-2, "bf16": 1e-1}[dtype]
     for B, T, N in [(1, 1, 3), (2, 70, 37)]:
         for reverse, with_h0 in DIRECTIONS:
-            A, b, h0 = random_scan_inputs(B, T, K, N, np.float32, with_h0, seed=T + K)
-            err = np.abs(run_metal_scan(A, b, h0, reverse) - reference_scan(A, b, h0, reverse)).max()
-            assert err <= tolerance(np.float32, T), f"B={B} T={T} N={N} K={K} reverse={reverse} h0={with_h0}: {err}"
+            A, b, h0 = random_scan_inputs(B, T, K, N, np.float64, with_h0, seed=T + K)
+            h, A_r, b_r, h0_r = run_metal_scan(A, b, h0, reverse, dtype)
+            err = np.abs(h - reference_scan(A_r, b_r, h0_r, reverse)).max()
+            assert err <= (limit or tolerance(np.float32, T)), f"{dtype} B={B} T={T} N={N} K={K} {reverse}: {err}"
 
 
 def test_metal_scan_is_coalesced():
@@ -146,7 +163,7 @@ def test_metal_scan_is_coalesced():
     A, b, _ = random_scan_inputs(4, 256, 2, 256, np.float32, False, seed=2)
     kernel, _ = metal_scan(2)
     reset_access_report(kernel._dll)
-    run_metal_scan(_aligned(A), _aligned(b), None, False)
+    run_metal_scan(A, b, None, False)
     ((name, (_, useful, sectors)),) = access_report(kernel._dll).items()
     print(f"{useful / sectors:6.1%}  metal {name}")
     assert useful / sectors >= 0.5

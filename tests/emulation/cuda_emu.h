@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "emu_runtime.h"
+#include "soft_half.h"
 
 using dim3 = emu::Dim3;
 
@@ -81,55 +82,10 @@ struct __nv_bfloat16 {
   uint16_t bits;
 };
 
-inline float __half2float(__half h) {
-  const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16, exponent = (h.bits >> 10) & 0x1f, mantissa = h.bits & 0x3ff;
-  float magnitude;
-  if (exponent == 0)
-    magnitude = std::ldexp(float(mantissa), -24);
-  else if (exponent == 31)
-    magnitude = mantissa ? NAN : INFINITY;
-  else
-    magnitude = std::ldexp(float(mantissa | 0x400), int(exponent) - 25);
-  uint32_t out;
-  std::memcpy(&out, &magnitude, 4);
-  out |= sign;
-  float result;
-  std::memcpy(&result, &out, 4);
-  return result;
-}
-inline __half __float2half_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
-  const float a = std::fabs(f);
-  if (std::isnan(f)) return __half{uint16_t(sign | 0x7e00u)};
-  if (a >= 65520.0f) return __half{uint16_t(sign | 0x7c00u)};
-  if (a < std::ldexp(1.0f, -14)) {  // subnormal: multiples of 2^-24, rint rounds half to even
-    return __half{uint16_t(sign | uint16_t(std::nearbyint(a * 16777216.0f)))};
-  }
-  int e;
-  const float m = std::frexp(a, &e);  // a = m 2^e, m in [0.5, 1)
-  uint32_t q = uint32_t(std::nearbyint(std::ldexp(m, 11)));  // 11 significant bits
-  if (q == 2048) {
-    q = 1024;
-    ++e;
-  }
-  if (e + 14 >= 31) return __half{uint16_t(sign | 0x7c00u)};
-  return __half{uint16_t(sign | uint16_t((e + 14) << 10) | uint16_t(q & 0x3ff))};
-}
-inline float __bfloat162float(__nv_bfloat16 h) {
-  const uint32_t x = uint32_t(h.bits) << 16;
-  float f;
-  std::memcpy(&f, &x, 4);
-  return f;
-}
-inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-  uint32_t x;
-  std::memcpy(&x, &f, 4);
-  if (std::isnan(f)) return __nv_bfloat16{uint16_t((x >> 16) | 0x40u)};
-  x += 0x7fffu + ((x >> 16) & 1u);
-  return __nv_bfloat16{uint16_t(x >> 16)};
-}
+inline float __half2float(__half h) { return emu::half_to_float(h.bits); }
+inline __half __float2half_rn(float f) { return __half{emu::float_to_half(f)}; }
+inline float __bfloat162float(__nv_bfloat16 h) { return emu::bfloat16_to_float(h.bits); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __nv_bfloat16{emu::float_to_bfloat16(f)}; }
 
 // ------------------------------------------------------------------ the runtime calls of the launchers
 

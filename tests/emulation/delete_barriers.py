@@ -3,6 +3,7 @@
     python -m tests.emulation.delete_barriers            # a random sample of 2 barriers
     python -m tests.emulation.delete_barriers --all      # every barrier
     python -m tests.emulation.delete_barriers --sample 5 --seed 3
+    python -m tests.emulation.delete_barriers --all --kernel metal/
 
 Each mutant is a copy of csrc/, metal/ and tests/ in a temporary folder with one barrier statement removed;
 the emulation tests of that kernel run there (the emulator's serial random-order schedule makes a missing
@@ -32,8 +33,12 @@ KERNELS = {
         "-k",
         "reproducible or (equals_sequential and f32)",
     ],
+    "metal/scan/scan.metal": ["tests/test_emulation.py", "-k", "metal_scan_kernel"],
+    "metal/fused/fused_forward.metal": ["tests/test_fused_metal_emulation.py", "-k", "reproducible or equals"],
+    "metal/fused/fused_adjoint.metal": ["tests/test_fused_metal_emulation.py", "-k", "reproducible or equals"],
 }
-_BARRIER = re.compile(r"(?:if \([^;]*\) )?__syncthreads\(\);")
+# a barrier statement, with the condition guarding it when there is one
+_BARRIER = re.compile(r"(?:if \([^;]*\) )?(?:__syncthreads\(\)|threadgroup_barrier\([^;]*\));")
 
 
 def barriers() -> list[tuple[str, int]]:
@@ -67,8 +72,9 @@ def main(argv=None) -> int:
     parser.add_argument("--all", action="store_true", help="delete every barrier in turn")
     parser.add_argument("--sample", type=int, default=2, help="barriers drawn at random (default 2)")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--kernel", default="", help="only kernel sources whose path contains this")
     args = parser.parse_args(argv)
-    found = barriers()
+    found = [(rel, offset) for rel, offset in barriers() if args.kernel in rel]
     chosen = found if args.all else random.Random(args.seed).sample(found, min(args.sample, len(found)))
     missed = []
     for rel, offset in chosen:

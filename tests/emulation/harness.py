@@ -34,8 +34,13 @@ METAL = REPO / "metal"
 # -fno-gnu-unique: each emulated library keeps its own statics (shared memory, access report), even inline ones
 _CXX_FLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-fno-gnu-unique"]
 
+#: numpy stand-in for bfloat16 arrays (raw uint16 bits) handed to emulated Metal kernels
+BFLOAT16 = np.dtype([("bfloat16", "<u2")])
+
 #: C type per numpy dtype, as MLX's get_type_string writes it
 _METAL_TYPES = {
+    np.dtype(np.float16): "float16_t",
+    BFLOAT16: "bfloat16_t",
     np.dtype(np.float32): "float",
     np.dtype(np.float64): "double",  # not a Metal type; allowed here to test numerics in fp64
     np.dtype(np.int32): "int32_t",
@@ -377,7 +382,10 @@ class MetalKernel:
         outs = []
         for shape, dtype in zip(output_shapes, self._output_dtypes):
             out = np.empty(shape, dtype)
-            out.fill(poison if np.issubdtype(out.dtype, np.floating) else -1)
+            if out.dtype.fields:  # BFLOAT16 bits: all ones is a NaN
+                out.view(np.uint8).fill(0xFF)
+            else:
+                out.fill(poison if np.issubdtype(out.dtype, np.floating) else -1)
             outs.append(out)
         ptrs, _keep = _pack(values + outs, self._param_types)
         _launch(self._dll, tuple(g // t for g, t in zip(grid, group)), group, ptrs)

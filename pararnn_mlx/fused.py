@@ -1,9 +1,10 @@
 """``mode="fused"`` for MLX: generated kernels on the CPU (shared with pararnn_torch) and on Metal.
 
 CPU: the compiled sweep/adjoint library from pararnn_core.codegen (ctypes, no
-torch). Metal: metal/fused_forward.metal (Newton solve in one kernel) and
-metal/fused_adjoint.metal with the generated cell functions, built with
-``mx.fast.metal_kernel``. Either way an ``mx.custom_function`` whose vjp is the
+torch). Metal: metal/fused/fused_forward.metal (Newton solve in one kernel, per-sequence iterations and
+residual; on_failure applied here), metal/fused/fused_adjoint.metal and fused_reduce.metal (ordered
+parameter-gradient reduction) with the generated cell functions, built with ``mx.fast.metal_kernel``.
+Either way an ``mx.custom_function`` whose vjp is the
 adjoint kernel, so ``mx.grad`` gets dL/du, dL/drecurrent and dL/dh0 from one
 reverse pass. (The Metal kernels are verified in the CPU emulator,
 tests/test_fused_metal_emulation.py; no Mac was available to run them.)

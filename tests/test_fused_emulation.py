@@ -228,3 +228,11 @@ def test_emulated_cuda_fused_is_bitwise_reproducible_across_schedules(monkeypatc
         np.testing.assert_array_equal(residual, runs[0][2])
         for got, first in zip(outs, runs[0][0]):
             np.testing.assert_array_equal(got, first)
+
+
+def test_emulated_cuda_fused_empty_sequences_give_zero_gradients():
+    pb = _problem(CELLS["gru"], batch=2, steps=0, channels=5, seed=0)
+    (traj, d_u, d_rec, d_bias, d_h0), _, _ = run_fused("gru", "f32", pb)
+    assert traj.size == 0 and d_u.size == 0
+    for grad in (d_rec, d_bias, d_h0):
+        np.testing.assert_array_equal(grad, 0.0)

@@ -17,7 +17,8 @@
 //   iterations used and the final max-abs residual; residual > tol (or NaN) means not converged, and
 //   traj then holds the last (damped) Newton iterate: the caller applies its failure policy.
 // * fused_adjoint_workspace_bytes(batch, steps, channels, K, G, P, compute_bytes): device bytes of the
-//   workspace run_fused_adjoint needs (compute_bytes = sizeof(TC): 4, or 8 for double IO); may be 0.
+//   workspace run_fused_adjoint needs (compute_bytes = sizeof(TC): 4, or 8 for double IO); may be 0
+//   (then workspace may be null).
 // * run_fused_adjoint(launcher, u, params, bias, h0, resets, traj, grad, du, dparams, dbias, dh0, workspace,
 //   batch, steps, channels, stream): du [B, T, G, N]; dparams [P, N]; dbias [G, N] and dh0 [B, K, N] may be
 //   null (not wanted). Deterministic: per-block partials in the workspace, then one ordered reduction.
@@ -124,15 +125,16 @@ cudaError_t run_fused_adjoint(Launcher& launcher, const void* u, const void* par
                               const void* h0, const uint8_t* resets, const void* traj, const void* grad, void* du,
                               void* dparams, void* dbias, void* dh0, void* workspace, int64_t batch, int64_t steps,
                               int64_t channels, cudaStream_t stream) {
-    if (batch <= 0 || channels <= 0) return cudaSuccess;
+    if (channels <= 0 || batch < 0) return cudaSuccess;
     const int64_t blocks = fused_blocks(batch, channels);
     if (blocks > kMaxGridX) return cudaErrorInvalidConfiguration;
-    // rows * channels of the reduction bounded by the partials' own size (a workspace the caller allocated)
-    void* args[] = {&u, &params, &bias, &h0, &resets, &traj, &grad, &du, &workspace, &dh0, &batch, &steps, &channels};
-    const cudaError_t status =
-        launcher.launch(FusedKernel::adjoint, dim3(static_cast<unsigned>(blocks)), dim3(kLanes, kGroups), 0, args,
-                        stream);
-    if (status != cudaSuccess) return status;
+    // steps == 0 runs too (the partials and dh0 come out zero); batch == 0 only reduces, to zeros
+    if (batch > 0) {
+        void* args[] = {&u, &params, &bias, &h0, &resets, &traj, &grad, &du, &workspace, &dh0, &batch, &steps, &channels};
+        const cudaError_t status = launcher.launch(FusedKernel::adjoint, dim3(static_cast<unsigned>(blocks)),
+                                                   dim3(kLanes, kGroups), 0, args, stream);
+        if (status != cudaSuccess) return status;
+    }
     void* reduce_args[] = {&workspace, &dparams, &dbias, &batch, &channels};
     const int64_t reduce_blocks = (channels + kReduceThreads - 1) / kReduceThreads;
     return launcher.launch(FusedKernel::reduce_params, dim3(static_cast<unsigned>(reduce_blocks)),

@@ -5,10 +5,10 @@
     python -m tests.emulation.delete_barriers --sample 5 --seed 3
     python -m tests.emulation.delete_barriers --all --kernel metal/
 
-Each mutant is a copy of csrc/, metal/ and tests/ in a temporary folder with one barrier statement removed;
-the emulation tests of that kernel run there (the emulator's serial random-order schedule makes a missing
-barrier read a poisoned or stale value). A barrier whose deletion leaves the tests passing is reported as
-redundant (exit status 1): it must either go or get a test that needs it.
+Each mutant is a copy of csrc/, metal/, tests/ and the packages in a temporary folder with one barrier
+statement removed; the emulation tests of that kernel run there (the emulator's serial random-order schedule
+makes a missing barrier read a poisoned or stale value). A barrier whose deletion leaves the tests passing is
+reported as redundant (exit status 1): it must either go or get a test that needs it.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def run_mutant(rel: str, offset: int) -> bool:
     """True when the tests fail with this barrier deleted."""
     with tempfile.TemporaryDirectory(prefix="pararnn_mutant_") as tmp:
         root = Path(tmp)
-        for folder in ("csrc", "metal", "tests"):
+        # the packages too: the loaders read the kernel sources next to pararnn_core (the mutant's copy)
+        for folder in ("csrc", "metal", "tests", "pararnn_core", "pararnn_mlx", "pararnn_torch"):
             shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
         path = root / rel
         text = path.read_text()

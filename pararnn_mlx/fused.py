@@ -1,9 +1,10 @@
 """``mode="fused"`` for MLX: generated kernels on the CPU (shared with pararnn_torch) and on Metal.
 
 CPU: the compiled sweep/adjoint library from pararnn_core.codegen (ctypes, no
-torch). Metal: metal/fused_forward.metal (Newton solve in one kernel) and
-metal/fused_adjoint.metal with the generated cell functions, built with
-``mx.fast.metal_kernel``. Either way an ``mx.custom_function`` whose vjp is the
+torch). Metal: metal/fused/fused_forward.metal (Newton solve in one kernel, per-sequence iterations and
+residual; on_failure applied here), metal/fused/fused_adjoint.metal and fused_reduce.metal (ordered
+parameter-gradient reduction) with the generated cell functions, built with ``mx.fast.metal_kernel``.
+Either way an ``mx.custom_function`` whose vjp is the
 adjoint kernel, so ``mx.grad`` gets dL/du, dL/drecurrent and dL/dh0 from one
 reverse pass. (The Metal kernels are verified in the CPU emulator,
 tests/test_fused_metal_emulation.py; no Mac was available to run them.)
@@ -23,7 +24,7 @@ from pararnn_core.codegen.native import compiler
 from pararnn_core.codegen.sources import metal_kernel_sources
 from pararnn_core.newton import NewtonConfig, SolveInfo, report_nonconvergence
 from pararnn_mlx.ops import from_numpy
-from pararnn_mlx.solver import refuse_second_order
+from pararnn_mlx.solver import refuse_second_order, solve_sequential
 
 _libraries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -91,39 +92,63 @@ def _solve_cpu(cell, u, recurrent, bias, h0, resets):
     return out, SolveInfo(mode="fused", exact=True)
 
 
-#: threads per threadgroup and steps per thread of the Metal kernels (tiles of 512 steps)
-METAL_THREADS, METAL_CHUNK = 64, 8
+#: launch geometry of the Metal kernels (metal/fused/*.metal): threadgroups of METAL_LANES channels x
+#: METAL_GROUPS time groups, METAL_CHUNK steps per thread (tiles of 64 steps)
+METAL_LANES, METAL_GROUPS, METAL_CHUNK = 32, 8, 8
+METAL_REDUCE_THREADS = 256
 _INPUTS = ["u", "params", "bias", "h0", "resets"]
 
 
+def metal_template() -> list:
+    return [("GROUPS", METAL_GROUPS), ("CHUNK", METAL_CHUNK)]
+
+
+def metal_dispatch(batch: int, channels: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(grid, threadgroup) of the forward and adjoint kernels in MLX's convention (grid counts threads)."""
+    blocks = batch * -(-channels // METAL_LANES)
+    return (METAL_LANES * blocks, METAL_GROUPS, 1), (METAL_LANES, METAL_GROUPS, 1)
+
+
+def metal_reduce_dispatch(channels: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    return (channels, 1, 1), (METAL_REDUCE_THREADS, 1, 1)
+
+
 @functools.cache
-def _metal_kernels(cell_key: str, header: str, forward_body: str, adjoint_body: str):
+def _metal_kernels(cell_key: str, header: str, forward_body: str, adjoint_body: str, reduce_body: str):
     forward = mx.fast.metal_kernel(
         name=f"pararnn_fused_forward_{cell_key}",
-        input_names=[*_INPUTS, "dims", "tol"],
-        output_names=["traj", "iterations"],
+        input_names=[*_INPUTS, "dims", "tol_damping"],
+        output_names=["traj", "iterations", "residual_out"],
         source=forward_body,
         header=header,
     )
     adjoint = mx.fast.metal_kernel(
         name=f"pararnn_fused_adjoint_{cell_key}",
         input_names=[*_INPUTS, "traj", "grad", "dims"],
-        output_names=["du", "dparams", "dbias", "dh0"],
+        output_names=["du", "partials", "dh0"],
         source=adjoint_body,
         header=header,
     )
-    return forward, adjoint
+    reduce = mx.fast.metal_kernel(
+        name=f"pararnn_fused_reduce_{cell_key}",
+        input_names=["partials", "dims"],
+        output_names=["dparams", "dbias"],
+        source=reduce_body,
+        header=header,
+    )
+    return forward, adjoint, reduce
 
 
 def _solve_metal(cell, u, recurrent, bias, h0, resets, config, traced):
     batch, steps, gates, channels = u.shape
     k = cell.state_size
-    forward, adjoint = _metal_kernels(f"{cell.name}_{definition_hash(cell)}", *metal_kernel_sources(cell))
+    forward, adjoint, reduce = _metal_kernels(f"{cell.name}_{definition_hash(cell)}", *metal_kernel_sources(cell))
     params_rows = recurrent.shape[0]
-    template = [("THREADS", METAL_THREADS), ("CHUNK", METAL_CHUNK)]
+    grid, threadgroup = metal_dispatch(batch, channels)
     flags = [1, int(h0 is not None), int(resets is not None)]  # has_bias, has_h0, has_resets
     resets_in = resets if resets is not None else mx.zeros((batch, steps), mx.bool_)
-    infos = []
+    tol = config.tolerance(4)
+    reports = []
 
     def common(u, recurrent, bias, h0_in):
         params = recurrent.astype(mx.float32) if params_rows else mx.zeros((1, channels), mx.float32)
@@ -133,42 +158,54 @@ def _solve_metal(cell, u, recurrent, bias, h0, resets, config, traced):
     @mx.custom_function
     def solve(u, recurrent, bias, *initial):
         dims = mx.array([batch, steps, channels, config.max_its, *flags], mx.int32)
-        tol = mx.array([config.tolerance(4)], mx.float32)
-        traj, iterations = forward(
-            inputs=[*common(u, recurrent, bias, initial[0] if initial else None), dims, tol],
-            template=template,
-            grid=(METAL_THREADS * batch * channels, 1, 1),
-            threadgroup=(METAL_THREADS, 1, 1),
-            output_shapes=[(batch, steps, k, channels), (batch * channels,)],
-            output_dtypes=[mx.float32, mx.int32],
-        )
-        infos.append(iterations)
+        traj, iterations, residual = forward(
+            inputs=[*common(u, recurrent, bias, initial[0] if initial else None), dims,
+                    mx.array([tol, config.damping], mx.float32)],
+            template=metal_template(),
+            grid=grid,
+            threadgroup=threadgroup,
+            output_shapes=[(batch, steps, k, channels), (batch, channels), (batch, channels)],
+            output_dtypes=[mx.float32, mx.int32, mx.float32],
+        )  # fmt: skip
+        reports.append((iterations, residual))
         return traj.astype(u.dtype)
 
     @solve.vjp
     def solve_vjp(primals, grad_out, out):
         u, recurrent, bias, *initial = primals
         dims = mx.array([batch, steps, channels, *flags], mx.int32)
-        d_u, d_params, d_bias, d_h0 = adjoint(
+        d_u, partials, d_h0 = adjoint(
             inputs=[*common(u, recurrent, bias, initial[0] if initial else None), out.astype(mx.float32),
                     grad_out.astype(mx.float32), dims],
-            template=template,
-            grid=(METAL_THREADS * channels, 1, 1),
-            threadgroup=(METAL_THREADS, 1, 1),
-            output_shapes=[(batch, steps, gates, channels), (max(1, params_rows), channels), (gates, channels),
+            template=metal_template(),
+            grid=grid,
+            threadgroup=threadgroup,
+            output_shapes=[(batch, steps, gates, channels), (batch, params_rows + gates, channels),
                            (batch, k, channels)],
-            output_dtypes=[mx.float32] * 4,
+            output_dtypes=[mx.float32] * 3,
         )  # fmt: skip
+        reduce_grid, reduce_group = metal_reduce_dispatch(channels)
+        d_params, d_bias = reduce(
+            inputs=[partials, mx.array([batch, channels], mx.int32)],
+            template=[],
+            grid=reduce_grid,
+            threadgroup=reduce_group,
+            output_shapes=[(max(1, params_rows), channels), (gates, channels)],
+            output_dtypes=[mx.float32] * 2,
+        )
         grads = (d_u.astype(u.dtype), d_params[:params_rows].astype(recurrent.dtype), d_bias.astype(bias.dtype))
         grads = refuse_second_order("fused", grads, primals)
         return grads + ((d_h0.astype(initial[0].dtype),) if initial else ())
 
     out = solve(u, recurrent, bias, *(() if h0 is None else (h0,)))
-    if traced:  # the per-sequence iteration counts cannot be read inside a compiled graph
-        return out, SolveInfo(mode="fused", iterations=config.max_its, residual=None, converged=None)
-    # a sequence that did not converge reports -1: the kernel recomputed it with the sequential sweep
-    worst, most = (int(v.item()) for v in (mx.min(infos[-1]), mx.max(infos[-1])))
-    info = SolveInfo(mode="fused", iterations=most, residual=None, converged=worst >= 0, fell_back=worst < 0)
-    if worst < 0:
-        report_nonconvergence(cell, info, config, config.tolerance(4))
+    if traced:  # the per-sequence reports cannot be read back inside a compiled graph
+        return out, SolveInfo(mode="fused", iterations=None, residual=None, converged=None)
+    iterations, residual = reports[-1]
+    info = SolveInfo(mode="fused", iterations=int(mx.max(iterations).item()), residual=float(mx.max(residual).item()))
+    info.converged = bool(info.residual <= tol)  # NaN compares false: not converged
+    if not info.converged:
+        report_nonconvergence(cell, info, config, tol)
+        if config.on_failure == "fallback":
+            info.fell_back = True
+            out, _ = solve_sequential(cell, u + bias, recurrent, h0, resets)
     return out, info

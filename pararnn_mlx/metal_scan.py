@@ -18,9 +18,9 @@ import mlx.core as mx
 from pararnn_core.kernel_sources import metal_dir
 from pararnn_core.newton import ScanPair
 
-#: time steps each thread composes in registers (template argument of the kernel)
-CHUNK = 4
-MAX_THREADS = 256
+#: launch geometry (metal/scan/scan.metal): threadgroups of LANES consecutive channels x GROUPS time groups,
+#: CHUNK steps per thread
+LANES, GROUPS, CHUNK = 32, 8, 4
 _STORAGE_TYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
@@ -38,21 +38,29 @@ def unavailable_reason(device=None) -> str | None:
     return None
 
 
+def kernel_source() -> tuple[str, str]:
+    """(body, header) handed to mx.fast.metal_kernel (the emulator tests compile exactly these)."""
+    return (metal_dir() / "scan" / "scan.metal").read_text(), (
+        metal_dir() / "common" / "pr_metal_common.metal"
+    ).read_text()
+
+
 @functools.cache
 def _kernel():
+    body, header = kernel_source()
     return mx.fast.metal_kernel(
-        name="pararnn_scan",
-        input_names=["A", "b", "h0", "dims"],
-        output_names=["h"],
-        source=(metal_dir() / "scan" / "scan.metal").read_text(),
-        header=(metal_dir() / "scan" / "scan_header.metal").read_text(),
+        name="pararnn_scan", input_names=["A", "b", "h0", "dims"], output_names=["h"], source=body, header=header
     )
 
 
-def threads_for(length: int) -> int:
-    """Threads per threadgroup: enough to cover T in one tile when short, a multiple of 32, at most 256."""
-    steps_per_warp = 32 * CHUNK
-    return min(MAX_THREADS, 32 * max(1, -(-length // steps_per_warp)))
+def template(dtype, K: int) -> list:
+    return [("T", dtype), ("K", K), ("GROUPS", GROUPS), ("CHUNK", CHUNK)]
+
+
+def dispatch(batch: int, channels: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(grid, threadgroup) in MLX's convention (grid counts threads)."""
+    blocks = batch * -(-channels // LANES)
+    return (LANES * blocks, GROUPS, 1), (LANES, GROUPS, 1)
 
 
 def scan(A: mx.array, b: mx.array, h0: mx.array | None = None, reverse: bool = False) -> mx.array:
@@ -73,12 +81,12 @@ def scan(A: mx.array, b: mx.array, h0: mx.array | None = None, reverse: bool = F
     if h0 is not None and h0.shape != (B, K, N):
         raise ValueError(f"Metal scan expects h0 [B, K, N] = {(B, K, N)}, got {h0.shape}")
     dims = mx.array([B, T, N, int(reverse), int(h0 is not None)], dtype=mx.uint32)
-    threads = threads_for(T)
+    grid, threadgroup = dispatch(B, N)
     (h,) = _kernel()(
         inputs=[A, b, h0.astype(b.dtype) if h0 is not None else mx.zeros((1,), b.dtype), dims],
-        template=[("T", b.dtype), ("K", K), ("CHUNK", CHUNK)],
-        grid=(threads, B * N, 1),
-        threadgroup=(threads, 1, 1),
+        template=template(b.dtype, K),
+        grid=grid,
+        threadgroup=threadgroup,
         output_shapes=[b.shape],
         output_dtypes=[b.dtype],
     )

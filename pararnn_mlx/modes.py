@@ -60,7 +60,7 @@ TABLE = SolverTable(
                     traceable=False, device_types=("cpu",)),
         # Metal: the whole Newton solve in one kernel
         SolverEntry("fused", _fused, lambda cell, key: fused_unavailable_reason(cell, _device(key)),
-                    honours=frozenset({"max_its", "tol"}), device_types=("gpu",)),
+                    honours=ALL_SETTINGS - {"chunk"}, device_types=("gpu",)),
     ],
     device_type=lambda key: key,
 )

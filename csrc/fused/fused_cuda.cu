@@ -1,4 +1,4 @@
-// Fused CUDA kernels of the built-in cells (launchers: fused_cuda_launch.cuh).
+// Fused CUDA kernels of the built-in cells: extern "C" entry points built from fused_cuda_launch.cuh.
 #include "fused_cuda_launch.cuh"
 #include "../generated/gru_cell.cuh"
 #include "../generated/lstm_cell.cuh"

@@ -1,51 +1,60 @@
-// Fused Newton forward, body of an mx.fast.metal_kernel (assembled by pararnn_mlx/fused.py:
-// header = fused_math.metal + the generated cell (metal/generated/<cell>_cell.metal) + "typedef pr_cell_<cell> Cell;").
-// Same algorithm as csrc/fused_kernels.cuh (fused_newton_forward): one threadgroup per (batch, channel)
-// sequence, tiles of THREADS * CHUNK steps held in registers across Newton iterations, a threadgroup scan
-// of the per-thread affine maps, a threadgroup max of the residual, the exact state carried between tiles,
-// and an exact sequential sweep (iterations = -1) for a tile that misses the tolerance.
+// Fused Newton forward, body of an mx.fast.metal_kernel (assembled by pararnn_core.codegen.sources
+// metal_kernel_sources: header = metal/common/pr_metal_common.metal + fused_math.metal + the generated cell
+// + "typedef pr_cell_<cell> Cell;" + fused_header.metal).
+// Same algorithm and layout as csrc/fused/fused_kernels.cuh (fused_newton_forward): threadgroups of PR_LANES
+// channels x GROUPS time groups, tiles of GROUPS * CHUNK steps in registers across Newton iterations, damped
+// update, per-channel convergence (a converged channel is frozen), per-sequence iterations and residual; the
+// caller applies the failure policy to a sequence whose residual exceeds tol.
 //
 // Inputs: u [B, T, G, N] (without bias), params [P or 1, N], bias [G, N], h0 [B, K, N], resets [B, T] bool,
-// dims int32 [B, T, N, max_its, has_bias, has_h0, has_resets], tol float [1].
-// Outputs: traj [B, T, K, N] float, iterations [B * N] int32. Template: THREADS, CHUNK.
-// Dispatch: grid (THREADS * B * N, 1, 1), threadgroup (THREADS, 1, 1).
+// dims int32 [B, T, N, max_its, has_bias, has_h0, has_resets], tol_damping float [2].
+// Outputs: traj [B, T, K, N] float, iterations [B, N] int32, residual [B, N] float. Template: GROUPS, CHUNK.
+// Dispatch (pararnn_mlx/fused.py metal_dispatch): grid (PR_LANES * B * ceil(N / PR_LANES), GROUPS, 1),
+// threadgroup (PR_LANES, GROUPS, 1).
 
   constexpr int K = Cell::K, G = Cell::G, P = Cell::P > 0 ? Cell::P : 1;
-  threadgroup float shA[THREADS][K * K];
-  threadgroup float shb[THREADS][K];
-  threadgroup float sh_red[THREADS];
-  threadgroup float sh_carry[K];
+  threadgroup float sh_last[GROUPS][K][PR_LANES];
+  threadgroup float sh_residual[GROUPS][PR_LANES];
+  threadgroup float sh_carry[K][PR_LANES];
+  threadgroup float maps[GROUPS][K * K + K][PR_LANES];
   const long batch = dims[0], steps = dims[1], N = dims[2];
   const int max_its = dims[3];
   const bool has_bias = dims[4] != 0, has_h0 = dims[5] != 0, has_resets = dims[6] != 0;
-  const long seq = threadgroup_position_in_grid.x, b = seq / N, n = seq % N;
-  const int tid = thread_position_in_threadgroup.x;
-  const long TILE = long(THREADS) * CHUNK;
+  const float tol = tol_damping[0], damping = tol_damping[1];
+  const long blocks = (N + PR_LANES - 1) / PR_LANES, block = threadgroup_position_in_grid.x;
+  const int lane = thread_position_in_threadgroup.x, group = thread_position_in_threadgroup.y;
+  const long b = block / blocks, n = (block % blocks) * PR_LANES + lane;
+  const bool active = n < N;
+  const long TILE = long(GROUPS) * CHUNK;
   float p[P], start[K], carry[K], bias_n[G];
-  for (int q = 0; q < Cell::P; ++q) p[q] = params[q * N + n];
-  for (int i = 0; i < G; ++i) bias_n[i] = has_bias ? bias[i * N + n] : 0.0f;
-  for (int k = 0; k < K; ++k) carry[k] = start[k] = has_h0 ? h0[(b * K + k) * N + n] : 0.0f;
+  for (int q = 0; q < P; ++q) p[q] = active && Cell::P > 0 ? pr_load(params, q * N + n) : 0.0f;
+  for (int i = 0; i < G; ++i) bias_n[i] = active && has_bias ? pr_load(bias, i * N + n) : 0.0f;
+  for (int k = 0; k < K; ++k) carry[k] = start[k] = active && has_h0 ? pr_load(h0, (b * K + k) * N + n) : 0.0f;
   int most_its = 0;
+  float worst = 0.0f;
   for (long t0 = 0; t0 < steps; t0 += TILE) {
     float h[CHUNK][K], g[CHUNK][G], A[CHUNK][K * K], rhs[CHUNK][K], fval[CHUNK][K];
     bool restart[CHUNK], valid[CHUNK];
     for (int c = 0; c < CHUNK; ++c) {
-      const long t = t0 + long(tid) * CHUNK + c;
-      valid[c] = t < steps;
-      restart[c] = t == 0 || (has_resets && valid[c] && resets[b * steps + t]);
-      for (int i = 0; i < G; ++i) g[c][i] = valid[c] ? u[((b * steps + t) * G + i) * N + n] + bias_n[i] : 0.0f;
-      Cell::step((t == t0 && !restart[c]) ? carry : start, g[c], p, h[c]);
+      const long t = t0 + group * CHUNK + c;
+      valid[c] = active && t < steps;
+      restart[c] = t == 0 || (valid[c] && has_resets && pr_load(resets, b * steps + t) != 0.0f);
+      for (int i = 0; i < G; ++i) g[c][i] = valid[c] ? pr_load(u, ((b * steps + t) * G + i) * N + n) + bias_n[i] : 0.0f;
+      const bool from_carry = t == t0 && !restart[c];
+      float s0[K];
+      for (int k = 0; k < K; ++k) s0[k] = from_carry ? carry[k] : start[k];
+      Cell::step(s0, g[c], p, h[c]);
     }
-    int its = 0;
-    bool converged = false;
-    for (; its <= max_its; ++its) {
-      for (int k = 0; k < K; ++k) shb[tid][k] = h[CHUNK - 1][k];
+    bool frozen = !active;
+    int its = 0, channel_its = 0;
+    float channel_residual = 0.0f;
+    for (;; ++its) {
+      for (int k = 0; k < K; ++k) sh_last[group][k][lane] = h[CHUNK - 1][k];
       threadgroup_barrier(mem_flags::mem_threadgroup);
       float residual = 0.0f, prev[K];
-      for (int k = 0; k < K; ++k) prev[k] = tid > 0 ? shb[tid - 1][k] : carry[k];
-      threadgroup_barrier(mem_flags::mem_threadgroup);
+      for (int k = 0; k < K; ++k) prev[k] = group > 0 ? sh_last[group - 1][k][lane] : carry[k];
       for (int c = 0; c < CHUNK; ++c) {
-        const long t = t0 + long(tid) * CHUNK + c;
+        const long t = t0 + group * CHUNK + c;
         const bool fixed = restart[c] || t == t0;  // previous state known exactly: no Jacobian link
         float s[K], jac[K * K];
         for (int k = 0; k < K; ++k) s[k] = restart[c] ? start[k] : (t == t0 ? carry[k] : prev[k]);
@@ -60,86 +69,50 @@
           for (int j = 0; j < K; ++j) rhs[c][i] -= A[c][i * K + j] * s[j];
         for (int k = 0; k < K; ++k) prev[k] = h[c][k];
       }
-      // threadgroup max of the residual
-      sh_red[tid] = residual;
+      sh_residual[group][lane] = residual;
       threadgroup_barrier(mem_flags::mem_threadgroup);
-      for (int half_width = THREADS / 2; half_width > 0; half_width >>= 1) {
-        if (tid < half_width && !(sh_red[tid + half_width] <= sh_red[tid])) sh_red[tid] = sh_red[tid + half_width];
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-      }
-      residual = sh_red[0];
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      if (residual <= tol[0] || its == max_its) {
-        converged = residual <= tol[0];
-        for (int c = 0; c < CHUNK; ++c)
-          for (int k = 0; k < K; ++k) h[c][k] = fval[c][k];
-        break;
-      }
-      // this thread's chunk as one affine map (later steps applied after earlier ones)
-      float sumA[K * K], sumb[K];
-      for (int i = 0; i < K * K; ++i) sumA[i] = (i % (K + 1) == 0) ? 1.0f : 0.0f;
-      for (int i = 0; i < K; ++i) sumb[i] = 0.0f;
-      for (int c = 0; c < CHUNK; ++c) pr_affine_after<K>(A[c], rhs[c], sumA, sumb);
-      // inclusive Hillis-Steele scan of the maps over the threadgroup
-      for (int offset = 1; offset < THREADS; offset <<= 1) {
-        for (int i = 0; i < K * K; ++i) shA[tid][i] = sumA[i];
-        for (int i = 0; i < K; ++i) shb[tid][i] = sumb[i];
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-        if (tid >= offset) {
-          float earlierA[K * K], earlierb[K];
-          for (int i = 0; i < K * K; ++i) earlierA[i] = shA[tid - offset][i];
-          for (int i = 0; i < K; ++i) earlierb[i] = shb[tid - offset][i];
-          pr_affine_compose<K>(sumA, sumb, earlierA, earlierb);
-        }
-        threadgroup_barrier(mem_flags::mem_threadgroup);
-      }
-      // the tile's first step is fixed (A = 0): every inclusive prefix is the constant map to its b
-      for (int k = 0; k < K; ++k) shb[tid][k] = sumb[k];
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      float x[K];
-      for (int k = 0; k < K; ++k) x[k] = tid > 0 ? shb[tid - 1][k] : carry[k];
-      threadgroup_barrier(mem_flags::mem_threadgroup);
-      for (int c = 0; c < CHUNK; ++c) {
-        pr_affine_apply<K>(A[c], rhs[c], x);
-        for (int k = 0; k < K; ++k) h[c][k] = x[k];
-      }
-    }
-    if (!converged) {
-      // exact fallback: one thread sweeps the tile sequentially through device memory
-      if (tid == 0) {
-        float s[K], gg[G], out[K];
-        for (int k = 0; k < K; ++k) s[k] = carry[k];
-        for (long t = t0; t < t0 + TILE && t < steps; ++t) {
-          if (t == 0 || (has_resets && resets[b * steps + t]))
-            for (int k = 0; k < K; ++k) s[k] = start[k];
-          for (int i = 0; i < G; ++i) gg[i] = u[((b * steps + t) * G + i) * N + n] + bias_n[i];
-          Cell::step(s, gg, p, out);
-          for (int k = 0; k < K; ++k) {
-            s[k] = out[k];
-            traj[((b * steps + t) * K + k) * N + n] = out[k];
-          }
+      if (!frozen) {
+        channel_residual = 0.0f;
+        for (int y = 0; y < GROUPS; ++y)
+          if (!(sh_residual[y][lane] <= channel_residual)) channel_residual = sh_residual[y][lane];
+        if (channel_residual <= tol || its == max_its) {
+          frozen = true;  // the final f (one free Picard step), then the channel stops
+          channel_its = its;
+          for (int c = 0; c < CHUNK; ++c)
+            for (int k = 0; k < K; ++k) h[c][k] = fval[c][k];
         }
       }
-      threadgroup_barrier(mem_flags::mem_device);
-      for (int c = 0; c < CHUNK; ++c) {
-        const long t = t0 + long(tid) * CHUNK + c;
-        if (valid[c])
-          for (int k = 0; k < K; ++k) h[c][k] = traj[((b * steps + t) * K + k) * N + n];
+      // every simdgroup holds all channels of the threadgroup: its vote is the threadgroup's
+      if (simd_all(frozen)) break;
+      float sumP[K * K], sumv[K];
+      pr_affine_identity<K>(sumP, sumv);
+      for (int c = 0; c < CHUNK; ++c) pr_affine_then<K>(sumP, sumv, A[c], rhs[c]);
+      PR_PUBLISH_MAP(maps, K, group, lane, sumP, sumv);
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      if (!frozen) {
+        float x[K];
+        for (int k = 0; k < K; ++k) x[k] = carry[k];
+        PR_APPLY_MAPS(maps, K, 0, group, lane, x);
+        for (int c = 0; c < CHUNK; ++c) {
+          pr_affine_apply<K>(A[c], rhs[c], x);
+          for (int k = 0; k < K; ++k) h[c][k] += damping * (x[k] - h[c][k]);
+        }
       }
-      most_its = -1;
-    } else if (most_its >= 0 && its > most_its) {
-      most_its = its;
     }
-    const long tile_end = (t0 + TILE < steps ? t0 + TILE : steps) - 1;
+    if (channel_its > most_its) most_its = channel_its;
+    if (!(channel_residual <= worst)) worst = channel_residual;
+    const long last = (t0 + TILE < steps ? t0 + TILE : steps) - 1;
     for (int c = 0; c < CHUNK; ++c) {
-      const long t = t0 + long(tid) * CHUNK + c;
-      if (!valid[c]) continue;
-      for (int k = 0; k < K; ++k) traj[((b * steps + t) * K + k) * N + n] = h[c][k];
-      if (t == tile_end)
-        for (int k = 0; k < K; ++k) sh_carry[k] = h[c][k];
+      const long t = t0 + group * CHUNK + c;
+      if (valid[c])
+        for (int k = 0; k < K; ++k) pr_store(traj, ((b * steps + t) * K + k) * N + n, h[c][k]);
+      if (t == last)
+        for (int k = 0; k < K; ++k) sh_carry[k][lane] = h[c][k];
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (int k = 0; k < K; ++k) carry[k] = sh_carry[k];
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (int k = 0; k < K; ++k) carry[k] = sh_carry[k][lane];
   }
-  if (tid == 0) iterations[seq] = most_its;
+  if (active && group == 0) {
+    iterations[b * N + n] = most_its;
+    residual_out[b * N + n] = worst;
+  }

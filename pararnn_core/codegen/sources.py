@@ -112,21 +112,22 @@ def cell_sources(cell: str | Cell) -> CellSources:
     return CellSources(cell.name, digest, paths)
 
 
-def metal_kernel_sources(cell: str | Cell) -> tuple[str, str, str]:
-    """(header, forward body, adjoint body) of the fused Metal kernels of ``cell`` for mx.fast.metal_kernel.
+def metal_kernel_sources(cell: str | Cell) -> tuple[str, str, str, str]:
+    """(header, forward body, adjoint body, reduce body) of the fused Metal kernels of ``cell`` for
+    mx.fast.metal_kernel.
 
-    The header joins the math prelude, the generated cell struct (as ``Cell``)
-    and the affine-map helpers; the bodies are metal/fused/fused_forward.metal and
-    metal/fused/fused_adjoint.metal unchanged.
+    The header joins the shared Metal helpers (metal/common/pr_metal_common.metal), the math prelude and the
+    generated cell struct (as ``Cell``); the bodies are metal/fused/fused_{forward,adjoint,reduce}.metal
+    unchanged.
     """
     sources = cell_sources(cell)
     header = "\n".join(
         [
+            (METAL_DIR / "common" / "pr_metal_common.metal").read_text(),
             (METAL_DIR / "fused" / "fused_math.metal").read_text(),
             sources.text("metal"),
             f"typedef {sources.struct_name} Cell;",
-            (METAL_DIR / "fused" / "fused_header.metal").read_text(),
         ]
     )
     fused = METAL_DIR / "fused"
-    return header, (fused / "fused_forward.metal").read_text(), (fused / "fused_adjoint.metal").read_text()
+    return header, *((fused / f"fused_{kind}.metal").read_text() for kind in ("forward", "adjoint", "reduce"))

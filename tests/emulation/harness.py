@@ -31,10 +31,16 @@ REPO = HERE.parent.parent
 CSRC = REPO / "csrc"
 METAL = REPO / "metal"
 
-_CXX_FLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w"]
+# -fno-gnu-unique: each emulated library keeps its own statics (shared memory, access report), even inline ones
+_CXX_FLAGS = ["-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w", "-fno-gnu-unique"]
+
+#: numpy stand-in for bfloat16 arrays (raw uint16 bits) handed to emulated Metal kernels
+BFLOAT16 = np.dtype([("bfloat16", "<u2")])
 
 #: C type per numpy dtype, as MLX's get_type_string writes it
 _METAL_TYPES = {
+    np.dtype(np.float16): "float16_t",
+    BFLOAT16: "bfloat16_t",
     np.dtype(np.float32): "float",
     np.dtype(np.float64): "double",  # not a Metal type; allowed here to test numerics in fp64
     np.dtype(np.int32): "int32_t",
@@ -70,6 +76,7 @@ _SCALAR_CTYPES = {
     "int32_t": ctypes.c_int32,
     "uint32_t": ctypes.c_uint32,
     "int64_t": ctypes.c_int64,
+    "void*": ctypes.c_void_p,
     "long long": ctypes.c_longlong,
     "uint64_t": ctypes.c_uint64,
     "float": ctypes.c_float,
@@ -93,25 +100,91 @@ def _cache_dir() -> Path:
     return path
 
 
+def _sanitizer_flags() -> list[str]:
+    """PARARNN_EMU_SANITIZE=thread|address,undefined builds the emulated kernels with those sanitizers (the
+    Python process must preload the runtime: see scripts/test.sh)."""
+    sanitize = os.environ.get("PARARNN_EMU_SANITIZE", "")
+    return [f"-fsanitize={sanitize}", "-g", "-fno-omit-frame-pointer"] if sanitize else []
+
+
+def _source_digest() -> str:
+    """Everything an emulated library may include: the emulator headers and every kernel source."""
+    files = sorted(HERE.rglob("*.h")) + sorted(p for root in (CSRC, METAL) for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _build(cpp: str, include_dirs: list[Path]) -> ctypes.CDLL:
     """Compile generated C++ into a cached shared library (atomic: tmp + rename)."""
-    headers = "".join(p.read_text() for p in sorted(HERE.glob("*.h")))
-    key = hashlib.sha256((cpp + headers + " ".join(map(str, include_dirs)) + " ".join(_CXX_FLAGS)).encode())
+    flags = _CXX_FLAGS + _sanitizer_flags()
+    includes = [HERE, HERE / "cuda_include", *include_dirs]
+    key = hashlib.sha256((cpp + _source_digest() + " ".join(map(str, includes)) + " ".join(flags)).encode())
     lib = _cache_dir() / f"emu_{key.hexdigest()[:20]}.so"
     if not lib.exists():
         src = lib.with_suffix(f".{os.getpid()}.cpp")
         tmp = lib.with_suffix(f".{os.getpid()}.tmp")
         src.write_text(cpp)
-        cmd = [os.environ.get("CXX", "g++"), *_CXX_FLAGS, f"-I{HERE}", *(f"-I{d}" for d in include_dirs)]
+        cmd = [os.environ.get("CXX", "g++"), *flags, *(f"-I{d}" for d in includes)]
         proc = subprocess.run([*cmd, str(src), "-o", str(tmp)], capture_output=True, text=True)
         src.unlink()
         if proc.returncode != 0:
             raise EmulationError(f"g++ could not compile the emulated kernel:\n{proc.stderr[-6000:]}")
         os.replace(tmp, lib)
     dll = ctypes.CDLL(str(lib))
-    dll.emu_launch.restype = ctypes.c_char_p
-    dll.emu_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint)]
+    dll.emu_stats_entry.restype = ctypes.c_char_p
+    dll.emu_stats_entry.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_ulonglong)]
     return dll
+
+
+def access_report(dll) -> dict[str, tuple[int, int, int]]:
+    """Per kernel launched from this library: (warp-wide global accesses, useful bytes, bytes of the distinct
+    32-byte sectors touched). Sector efficiency = useful / sector bytes."""
+    out = {}
+    for i in range(dll.emu_stats_count()):
+        values = (ctypes.c_ulonglong * 3)()
+        name = dll.emu_stats_entry(i, values).decode()
+        out[name] = tuple(int(v) for v in values)
+    return out
+
+
+def reset_access_report(dll) -> None:
+    dll.emu_stats_reset()
+
+
+def compile_cuda_library(source: str, include_dirs=(CSRC / "scan", CSRC / "fused")) -> ctypes.CDLL:
+    """Compile CUDA host + device code (e.g. a launcher's extern "C" entry points) for the emulator.
+
+    cudaLaunchKernel runs the kernel in the emulator; call the entry points with :func:`cuda_entry`.
+    """
+    dll = _build(f'#include "cuda_emu.h"\n{source}\n', [Path(p) for p in include_dirs])
+    dll.emu_last_error.restype = ctypes.c_char_p
+    return dll
+
+
+def cuda_entry(dll, name: str, param_types: list[str], restype=ctypes.c_int):
+    """A callable for extern "C" function ``name`` of an emulated library: numpy arrays by pointer (None:
+    null), scalars by the listed C types; raises EmulationError when it returns a nonzero cudaError_t."""
+    function = getattr(dll, name)
+    function.restype = restype
+    function.argtypes = [ctypes.c_void_p if t.rstrip().endswith("*") else _SCALAR_CTYPES[t] for t in param_types]
+
+    def call(*args):
+        values = []
+        for value, ctype in zip(args, param_types):
+            if ctype.rstrip().endswith("*"):
+                if value is not None and not (isinstance(value, np.ndarray) and value.flags.c_contiguous):
+                    raise TypeError(f"{name}: argument of type {ctype} must be a C-contiguous numpy array")
+                values.append(None if value is None else value.ctypes.data)
+            else:
+                values.append(value)
+        result = function(*values)
+        if restype is ctypes.c_int and result != 0:
+            raise EmulationError(f"{name} returned cudaError {result}: {dll.emu_last_error().decode()}")
+        return result
+
+    return call
 
 
 def _cast(ctype: str, i: int) -> str:
@@ -147,6 +220,8 @@ def _pack(values, ctypes_list):
 
 
 def _launch(dll, grid, block, ptrs):
+    dll.emu_launch.restype = ctypes.c_char_p
+    dll.emu_launch.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint)]
     dims = (ctypes.c_uint * 6)(*grid, *block)
     error = dll.emu_launch(ptrs, dims)
     if error:
@@ -192,7 +267,8 @@ def compile_cuda(
 {text}
 extern "C" const char* emu_launch(void** args, const unsigned* d) {{
   static std::string error;
-  error = emu::launch(emu::Dim3{{d[0], d[1], d[2]}}, emu::Dim3{{d[3], d[4], d[5]}}, [&] {{ {kernel}({call}); }});
+  error = emu::launch("{kernel}", emu::kCudaLimits, emu::Dim3{{d[0], d[1], d[2]}}, emu::Dim3{{d[3], d[4], d[5]}},
+                      [&] {{ {kernel}({call}); }});
   return error.empty() ? nullptr : error.c_str();
 }}
 """
@@ -306,7 +382,10 @@ class MetalKernel:
         outs = []
         for shape, dtype in zip(output_shapes, self._output_dtypes):
             out = np.empty(shape, dtype)
-            out.fill(poison if np.issubdtype(out.dtype, np.floating) else -1)
+            if out.dtype.fields:  # BFLOAT16 bits: all ones is a NaN
+                out.view(np.uint8).fill(0xFF)
+            else:
+                out.fill(poison if np.issubdtype(out.dtype, np.floating) else -1)
             outs.append(out)
         ptrs, _keep = _pack(values + outs, self._param_types)
         _launch(self._dll, tuple(g // t for g, t in zip(grid, group)), group, ptrs)
@@ -337,7 +416,7 @@ def compile_metal(name, source, inputs, outputs, template=(), header="") -> Meta
 {text}
 extern "C" const char* emu_launch(void** args, const unsigned* d) {{
   static std::string error;
-  error = emu::launch(emu::Dim3{{d[0], d[1], d[2]}}, emu::Dim3{{d[3], d[4], d[5]}}, [&] {{
+  error = emu::launch("{name}", emu::kMetalLimits, emu::Dim3{{d[0], d[1], d[2]}}, emu::Dim3{{d[3], d[4], d[5]}}, [&] {{
     custom_kernel_{name}{tmpl}({", ".join(casts + attrs)});
   }});
   return error.empty() ? nullptr : error.c_str();

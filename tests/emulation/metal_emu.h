@@ -2,8 +2,8 @@
 // Supported: the thread-position attributes that MLX passes to the kernel
 // (as parameters of the generated signature, see harness.metal_signature),
 // threadgroup_barrier, simdgroup_barrier, simd_shuffle/_up/_down/_xor, simd_sum,
-// threadgroup/device/constant/thread qualifiers, uint/uint3/ushort, metal:: math.
-// Simdgroups are 32 wide, as on Apple GPUs. Not supported: half/bfloat, atomics,
+// threadgroup/device/constant/thread qualifiers, uint/uint3/ushort, metal:: math, float16_t/bfloat16_t storage.
+// Simdgroups are 32 wide, as on Apple GPUs. Not supported: half/bfloat arithmetic, atomics,
 // vector types other than uint3.
 #pragma once
 
@@ -12,10 +12,25 @@
 #include <cstdint>
 
 #include "emu_runtime.h"
+#include "soft_half.h"
 
 using uint = unsigned int;
 using ushort = unsigned short;
 using ulong = unsigned long;
+
+// MLX's names of the 16-bit storage types (half, bfloat): converted to and from float explicitly, as in Metal
+struct float16_t {
+  uint16_t bits = 0;
+  float16_t() = default;
+  float16_t(float f) : bits(emu::float_to_half(f)) {}
+  operator float() const { return emu::half_to_float(bits); }
+};
+struct bfloat16_t {
+  uint16_t bits = 0;
+  bfloat16_t() = default;
+  bfloat16_t(float f) : bits(emu::float_to_bfloat16(f)) {}
+  operator float() const { return emu::bfloat16_to_float(bits); }
+};
 
 struct uint3 {
   uint x = 0, y = 0, z = 0;
@@ -75,4 +90,14 @@ using namespace metal;
 #define constant
 #define thread
 #define threadgroup static
+// the coalescing probe (metal/common/pr_metal_common.metal)
+#define PR_TRACE_GLOBAL(pointer, bytes, is_store) emu::trace_global(pointer, unsigned(bytes))
 #define METAL_FUNC inline
+
+// simd_all / simd_any: a vote over the simdgroup (a warp exchange, so also a simdgroup barrier here)
+namespace metal {
+inline bool simd_all(bool predicate) {
+  return emu::warp_sum(int(predicate)) == emu::warp_width();
+}
+inline bool simd_any(bool predicate) { return emu::warp_sum(int(predicate)) > 0; }
+}  // namespace metal

@@ -1,13 +1,7 @@
 """``mode="fused"`` for MLX: generated kernels on the CPU (shared with pararnn_torch) and on Metal.
 
 CPU: the compiled sweep/adjoint library from pararnn_core.codegen (ctypes, no
-torch). It runs on host copies of the arrays, which a function being transformed
-by ``mx.compile`` or ``mx.vmap`` cannot make (its arrays are placeholders until the
-compiled graph runs; MLX's Python API has no CPU custom-kernel hook that would
-run inside the graph). There the fused CPU mode runs the same exact sequential
-sweep as MLX ops (``mode="sequential"``: same trajectory, gradient by MLX's
-autodiff), and ``last_solve.mode`` says so; e.g. mlx_lm.lora's compiled step.
-Metal: metal/fused_forward.metal (Newton solve in one kernel) and
+torch). Metal: metal/fused_forward.metal (Newton solve in one kernel) and
 metal/fused_adjoint.metal with the generated cell functions, built with
 ``mx.fast.metal_kernel``. Either way an ``mx.custom_function`` whose vjp is the
 adjoint kernel, so ``mx.grad`` gets dL/du, dL/drecurrent and dL/dh0 from one
@@ -29,7 +23,6 @@ from pararnn_core.codegen.native import compiler
 from pararnn_core.codegen.sources import metal_kernel_sources
 from pararnn_core.newton import NewtonConfig, SolveInfo
 from pararnn_mlx.ops import from_numpy
-from pararnn_mlx.solver import solve_sequential
 
 _libraries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -69,24 +62,11 @@ def solve_fused(cell: Cell, u, recurrent, h0, resets, config: NewtonConfig | Non
     if reason is not None:
         raise RuntimeError(f"mode='fused' cannot run cell {cell.name!r}: {reason}")
     if mx.default_device().type == mx.cpu:
-        return _solve_cpu(cell, u, recurrent, h0, resets, config or NewtonConfig())
+        return _solve_cpu(cell, u, recurrent, h0, resets)
     return _solve_metal(cell, u, recurrent, h0, resets, config or NewtonConfig())
 
 
-def _host_readable(*arrays) -> bool:
-    """False inside ``mx.compile``/``mx.vmap``, where reading an array's values raises ValueError."""
-    try:
-        for a in arrays:
-            _host(a)
-    except ValueError:
-        return False
-    return True
-
-
-def _solve_cpu(cell, u, recurrent, h0, resets, config):
-    if not _host_readable(u, recurrent, h0, resets):
-        traj, _ = solve_sequential(cell, u, recurrent, h0, resets, config)
-        return traj, SolveInfo(mode="sequential")
+def _solve_cpu(cell, u, recurrent, h0, resets):
     lib = _library_for(cell)
     host_resets = _host(resets)
 

@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from pararnn_core.newton import ScanPair, SolveInfo, adjoint, newton_solve, sequential_solve
+from pararnn_core.pipeline import HIGHER_ORDER_MESSAGE
 from pararnn_core.scan import block_scan
 from pararnn_mlx.ops import ops
 
@@ -57,19 +58,24 @@ def _components(traj):
     return [traj[:, :, k] for k in range(traj.shape[2])]
 
 
-def solve_newton(cell, u, recurrent, h0, resets, config, scans: ScanPair, mode: str):
-    """Newton forward, adjoint backward; gradients flow to u, recurrent and h0 (when given)."""
+def solve_newton(cell, u, recurrent, h0, resets, config, scans: ScanPair, mode: str, traced: bool = False):
+    """Newton forward, adjoint backward; gradients flow to u, recurrent and h0 (when given).
+
+    ``traced`` (inside mx.compile): a fixed number of Newton iterations, no host reads.
+    """
     forward_scan = scans.forward or framework_scan(False, config.chunk)
     reverse_scan = scans.reverse or framework_scan(True, config.chunk)
+    # a traced graph holds no evaluated arrays, so the host-copy workaround does not apply (nor work) there
+    detach = mx.stop_gradient if traced else _detached
     infos: list[SolveInfo] = []
 
     # resets, cell and config are not differentiated, so the closure may hold them;
     # everything that needs a gradient is an argument of the custom function
     @mx.custom_function
     def solve(u, recurrent, *initial):
-        initial = [_detached(h) for h in initial]
-        gates, params, h0_list = _unpack(_detached(u), _detached(recurrent), initial[0] if initial else None)
-        traj, info = newton_solve(cell, ops, gates, params, h0_list, resets, config, scan=forward_scan)
+        initial = [detach(h) for h in initial]
+        gates, params, h0_list = _unpack(detach(u), detach(recurrent), initial[0] if initial else None)
+        traj, info = newton_solve(cell, ops, gates, params, h0_list, resets, config, scan=forward_scan, traced=traced)
         infos.append(info)
         return mx.stack(traj, 2)
 
@@ -92,6 +98,21 @@ def solve_newton(cell, u, recurrent, h0, resets, config, scans: ScanPair, mode: 
     return out, info
 
 
-def solve_sequential(cell, u, recurrent, h0, resets, config):
+def solve_sequential(cell, u, recurrent, h0, resets):
     gates, params, h0_list = _unpack(u, recurrent, h0)
-    return sequential_solve(cell, ops, gates, params, h0_list, resets), SolveInfo(mode="sequential")
+    return sequential_solve(cell, ops, gates, params, h0_list, resets), SolveInfo(mode="sequential", exact=True)
+
+
+def refuse_second_order(mode: str, grads: tuple, primals) -> tuple:
+    """``grads`` unchanged, joined to ``primals`` through a function whose own vjp raises: differentiating the
+    adjoint backward of ``mode`` (``mx.grad`` of ``mx.grad``) is an error instead of a silently wrong result."""
+
+    @mx.custom_function
+    def guard(grads, primals):
+        return grads
+
+    @guard.vjp
+    def refuse(args, cotangents, outputs):
+        raise RuntimeError(HIGHER_ORDER_MESSAGE.format(mode=mode))
+
+    return tuple(guard(tuple(grads), tuple(primals)))

@@ -17,6 +17,7 @@ from pararnn_core.cell import Cell
 from pararnn_core.codegen import CodegenError, NativeBuildError, definition_hash, load_cpu_library
 from pararnn_core.codegen.native import compiler
 from pararnn_core.newton import SolveInfo
+from pararnn_torch.solver import refuse_higher_order
 
 # libraries by definition hash: the ops take the hash, since a custom op cannot take a Python object
 _libraries: dict = {}
@@ -144,6 +145,7 @@ class _FusedSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_traj):
+        refuse_higher_order("fused")
         u, recurrent, bias, h0, resets, traj = ctx.saved_tensors
         d_u, d_rec, d_bias, d_h0 = fused_backward(u, recurrent, bias, h0, resets, traj, grad_traj, ctx.cell_key)
         d_bias = d_bias if bias is not None and ctx.needs_input_grad[2] else None
@@ -163,4 +165,4 @@ def solve_fused(cell: Cell, u, recurrent, h0, resets, bias=None):
     key, _ = _library_for(cell)
     with torch.autocast(u.device.type, enabled=False):
         traj = _FusedSolve.apply(u, recurrent, bias, h0, resets, key)
-    return traj, SolveInfo(mode="fused")
+    return traj, SolveInfo(mode="fused", exact=True)

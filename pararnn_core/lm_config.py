@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 from pararnn_core.cell import Cell, get_cell, registered_cells
@@ -30,7 +30,8 @@ class LMConfig:
     """Sizes and settings of a ParaRNN language model (docs/design.md section 6).
 
     cell: name of a registered cell (``gru``, ``lstm``, ``mgu`` or a user cell);
-        a user cell is found by importing ``cell_module`` when it is not yet registered.
+        a user cell is found by importing ``cell_module`` when it is not yet registered,
+        which runs that module's code: only with ``trust_remote_code=True``.
     vocab_size: tokens of the embedding and the output head.
     d_model: width of the residual stream.
     n_layers: blocks (each: recurrent block + SwiGLU MLP block).
@@ -42,6 +43,8 @@ class LMConfig:
     norm_eps: epsilon of every RMSNorm.
     tie_embeddings: the output head reuses the embedding matrix.
     newton: NewtonConfig fields of the parallel solve.
+    trust_remote_code: (not stored) allow importing ``cell_module``; mirrors mlx-lm's flag of that
+        name, since a config.json from a downloaded folder could name any module.
     """
 
     cell: str = "gru"
@@ -58,8 +61,9 @@ class LMConfig:
     cell_module: str | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
+    trust_remote_code: InitVar[bool] = False
 
-    def __post_init__(self):
+    def __post_init__(self, trust_remote_code: bool):
         if isinstance(self.cell, (Cell, type)):
             cell = get_cell(self.cell)
             module = type(cell).__module__
@@ -72,10 +76,10 @@ class LMConfig:
             self.cell_size = self.d_model
         if self.mlp_size == 0:
             self.mlp_size = -(-8 * self.d_model // 3 // 64) * 64
-        self.validate()
+        self.validate(trust_remote_code)
 
     # -- checks -------------------------------------------------------------------
-    def validate(self):
+    def validate(self, trust_remote_code: bool = False):
         for name in ("vocab_size", "d_model", "n_layers", "num_heads", "cell_size", "mlp_size", "conv_width"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -91,11 +95,18 @@ class LMConfig:
             if token is not None and not (0 <= token < self.vocab_size):
                 raise ConfigError(f"{name}={token} is outside the vocabulary [0, {self.vocab_size})")
         self.newton_config()  # raises on bad Newton settings
-        self.resolve_cell()
+        self.resolve_cell(trust_remote_code)
 
-    def resolve_cell(self) -> Cell:
-        """The cell instance; imports ``cell_module`` first when the cell is a user cell not yet registered."""
+    def resolve_cell(self, trust_remote_code: bool = False) -> Cell:
+        """The cell instance. A user cell not yet registered is imported from ``cell_module``,
+        only if ``trust_remote_code`` (importing runs the module's code)."""
         if self.cell not in registered_cells() and self.cell_module:
+            if not trust_remote_code:
+                raise ConfigError(
+                    f"cell {self.cell!r} is defined in module {self.cell_module!r} (config 'cell_module'); importing "
+                    f"it would run its code. If you trust it, pass --trust-remote-code (trust_remote_code=True), "
+                    f"or import the module yourself before loading"
+                )
             try:
                 importlib.import_module(self.cell_module)
             except ImportError as e:
@@ -159,8 +170,9 @@ class LMConfig:
         return {k: v for k, v in out.items() if v is not None}
 
     @classmethod
-    def from_dict(cls, data: dict) -> LMConfig:
-        """Build from a config.json dict; keys of other tools (quantization, model_file, ...) are ignored."""
+    def from_dict(cls, data: dict, trust_remote_code: bool = False) -> LMConfig:
+        """Build from a config.json dict; keys of other tools (quantization, model_file, ...) are ignored.
+        ``trust_remote_code``: allow importing the user cell's ``cell_module``."""
         if not isinstance(data, dict):
             raise ConfigError(f"config must be a JSON object, got {type(data).__name__}")
         model_type = data.get("model_type")
@@ -168,17 +180,22 @@ class LMConfig:
             raise ConfigError(f"config.json has model_type {model_type!r}; expected {MODEL_TYPE!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         try:
-            return cls(**{k: v for k, v in data.items() if k in names})
+            return cls(**{k: v for k, v in data.items() if k in names}, trust_remote_code=trust_remote_code)
         except TypeError as e:
             raise ConfigError(f"bad config: {e}") from None
 
     @classmethod
-    def load(cls, folder) -> LMConfig:
+    def load(cls, folder, trust_remote_code: bool = False) -> LMConfig:
+        """Read ``folder/config.json``; ``trust_remote_code``: allow importing the user cell's ``cell_module``."""
         path = Path(folder) / "config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: a ParaRNN checkpoint folder needs a config.json")
+            from pararnn_core.safe_folder import missing_hint
+
+            raise FileNotFoundError(
+                f"{path} not found: a ParaRNN checkpoint folder needs a config.json{missing_hint(folder)}"
+            )
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON ({e}); the checkpoint folder is corrupt") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, trust_remote_code)

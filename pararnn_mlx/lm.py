@@ -18,6 +18,7 @@ chunk. Padding never reaches a row's state; see :class:`Padding`.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -32,14 +33,31 @@ PREFILL_CHUNK = 1024
 
 @dataclass
 class ModelArgs:
-    """mlx-lm's model arguments: the shared LMConfig (validated) read from config.json."""
+    """mlx-lm's model arguments: the shared LMConfig (validated) read from config.json.
+
+    mlx-lm imports this class only from the folder's ``model_file`` and only under its
+    ``--trust-remote-code``, so a user cell named by ``cell_module`` may be imported here."""
 
     config: LMConfig
     model_type: str = MODEL_TYPE
 
     @classmethod
     def from_dict(cls, params: dict) -> ModelArgs:
-        return cls(LMConfig.from_dict(params))
+        return cls(LMConfig.from_dict(params, trust_remote_code=True))
+
+
+def register_with_transformers():
+    """Make model_type ``pararnn`` known to transformers (when it is loaded): mlx-lm's tokenizer loading
+    reads config.json through ``AutoConfig``, which otherwise warns about an unknown model type."""
+    transformers = sys.modules.get("transformers")  # mlx-lm imports it before building the model
+    if transformers is None:
+        return
+    from transformers import AutoConfig, PretrainedConfig
+
+    class ParaRNNConfig(PretrainedConfig):
+        model_type = MODEL_TYPE
+
+    AutoConfig.register(MODEL_TYPE, ParaRNNConfig, exist_ok=True)
 
 
 @dataclass
@@ -183,6 +201,7 @@ class Block(nn.Module):
 class Model(nn.Module):
     def __init__(self, args: ModelArgs, mode: str = "auto"):
         super().__init__()
+        register_with_transformers()
         if isinstance(args, LMConfig):
             args = ModelArgs(args)
         self.args = args

@@ -138,6 +138,31 @@ def test_generate_rejects_bad_requests(folders, tmp_path, capsys):
     assert "--max-tokens must be at least 1" in capsys.readouterr().err
     assert generate_main(["--model", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    for flag, value in (("--temp", "nan"), ("--temp", "inf"), ("--top-p", "nan")):
+        assert generate_main(["--model", str(root / "mlx"), "--prompt", "x", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} must be") and err.count("\n") == 1
+    assert generate_main(["--model", str(root / "mlx"), "--prompt", "x", "--adapter-path", str(tmp_path)]) == 2
+    assert "has no adapter_config.json" in capsys.readouterr().err
+
+
+def test_generate_ctrl_c_stops_cleanly_with_the_stats_so_far(folders, capsys, monkeypatch):
+    import pararnn_mlx.generate as generate_module
+
+    _, root = folders
+    real_stream = generate_module.stream
+
+    def interrupted_after_three(*args, **kwargs):
+        for i, response in enumerate(real_stream(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield response
+
+    monkeypatch.setattr(generate_module, "stream", interrupted_after_three)
+    assert generate_main(["--model", str(root / "mlx"), "--prompt", PROMPT, "--max-tokens", "50"]) == 130
+    captured = capsys.readouterr()
+    assert "Generation: 3 tokens" in captured.out and "[interrupted]" in captured.err
+    assert "Traceback" not in captured.err
 
 
 def test_user_tokenizer_is_carried_through_conversion(folders, tmp_path):

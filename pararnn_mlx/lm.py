@@ -198,6 +198,13 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x)), tail, cell_state
 
 
+def _unpadded_and_filled(cache) -> bool:
+    """The cache holds states and no padding metadata: a plain decoding step."""
+    first = cache[0]
+    return (first[0] is not None and getattr(first, "lengths", None) is None
+            and getattr(first, "left_padding", None) is None)
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs, mode: str = "auto"):
         super().__init__()
@@ -212,6 +219,7 @@ class Model(nn.Module):
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._compiled_decode = None
 
     @property
     def config(self) -> LMConfig:
@@ -249,6 +257,11 @@ class Model(nn.Module):
             raise ValueError(f"inputs must be token ids of shape [batch, time], got shape {tuple(inputs.shape)}")
         if inputs.shape[1] < 1:
             raise ValueError("inputs is empty: give at least one token")
+        if inputs.shape[1] == 1 and cache is not None and _unpadded_and_filled(cache):
+            logits, states = self._decode_step(inputs, [(c[0], c[1]) for c in cache])
+            for c, (tail, cell_state) in zip(cache, states):
+                c[0], c[1] = tail, cell_state
+            return logits
         x = self.embed(inputs)
         batch = inputs.shape[0]
         if cache is None:
@@ -268,6 +281,18 @@ class Model(nn.Module):
                 c[0], c[1] = tail, cell_state.astype(mx.float32)
         hidden = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=1)
         return self.logits(hidden)
+
+    def _decode_step(self, inputs, states):
+        """One token for every row as one compiled graph (no per-op Python work per token); the parameters
+        are implicit inputs, so updated, quantized or LoRA weights are used without recompiling by hand."""
+        if self._compiled_decode is None:
+
+            def step(inputs, states):
+                hidden, new = self._run_layers(self.embed(inputs), states, None)
+                return self.logits(hidden), [(tail, cell_state.astype(mx.float32)) for tail, cell_state in new]
+
+            self._compiled_decode = mx.compile(step, inputs=[self.state])
+        return self._compiled_decode(inputs, states)
 
     def logits(self, hidden):
         hidden = self.norm(hidden)

@@ -51,6 +51,27 @@ def test_prefill_then_decode_equals_full_forward(folders):
     assert np.abs(np.concatenate(stepped, 1) - full[:, 80:]).max() < 1e-5
 
 
+def test_compiled_decode_step_follows_weight_updates(folders):
+    """Decoding runs one compiled graph per token whose parameters are implicit inputs: new weights are used."""
+    import copy
+
+    _, root = folders
+    model, _ = load(root / "mlx")
+    tokens = mx.array(np.random.default_rng(2).integers(0, 258, (2, 11)))
+    cache = model.make_cache()
+    model(tokens[:, :10], cache=cache)
+    before = np.array(model(tokens[:, 10:], cache=copy.deepcopy(cache)))  # traces the compiled step
+    block = model.layers[0].recurrent
+    block.out_proj.weight = block.out_proj.weight * 1.5
+    block.cell.recurrent = block.cell.recurrent * 0.5
+    compiled = np.array(model(tokens[:, 10:], cache=copy.deepcopy(cache)))
+    eager_cache = copy.deepcopy(cache)
+    for c in eager_cache:  # padding metadata (no row padded) takes the uncompiled path
+        c.lengths = mx.array([1, 1])
+    eager = np.array(model(tokens[:, 10:], cache=eager_cache))
+    assert np.abs(compiled - eager).max() < 1e-5 < np.abs(compiled - before).max()
+
+
 def _torch_greedy(model, tokenizer, n):
     ids = model.generate_greedy(torch.tensor(tokenizer.encode(PROMPT)), n)
     eos = model.config.eos_token_id

@@ -221,3 +221,49 @@ def test_from_apple_import_matches_the_layer(tmp_path, capsys):
     for name in ("weight", "bias", "recurrent"):
         assert torch.equal(weights[f"rnn.{name}"], getattr(reference, name).detach())
     assert convert_main(args) == 2  # exists, no --force
+
+
+USER_CELL_SOURCE = '''
+import os
+from pararnn_core.cell import Cell, Normal
+
+open(os.environ["PROBE_MARKER"], "w").write("imported")
+
+
+class ProbeCell(Cell):
+    name = "trust_probe"
+    gates = ("f", "c")
+    state = ("h",)
+    params = {"a": Normal(0.1)}
+
+    def step(self, ops, s, u, p):
+        f = ops.sigmoid(u.f)
+        return (f * s.h + (1 - f) * ops.tanh(p.a * s.h + u.c),)
+'''
+
+
+def test_user_cell_module_is_imported_only_with_trust_remote_code(tmp_path):
+    """pararnn-generate passes --trust-remote-code through to the config: without it nothing is imported."""
+    import importlib
+    import os
+
+    (tmp_path / "probe_cell_module.py").write_text(USER_CELL_SOURCE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()]),
+           "PROBE_MARKER": str(tmp_path / "marker")}
+    sys.path.insert(0, str(tmp_path))
+    os.environ["PROBE_MARKER"] = str(tmp_path / "marker-here")
+    try:
+        module = importlib.import_module("probe_cell_module")
+        tiny_checkpoint(tmp_path / "ck", cell=module.ProbeCell)
+    finally:
+        sys.path.remove(str(tmp_path))
+        del os.environ["PROBE_MARKER"]
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["cell_module"] == "probe_cell_module"
+    command = [sys.executable, "-m", "pararnn_mlx.generate", "--model", str(tmp_path / "ck"), "--prompt", "x",
+               "--max-tokens", "3"]
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr and "probe_cell_module" in refused.stderr
+    assert not (tmp_path / "marker").exists()
+    trusted = subprocess.run([*command, "--trust-remote-code"], capture_output=True, text=True, env=env, timeout=300)
+    assert trusted.returncode == 0, trusted.stderr
+    assert (tmp_path / "marker").read_text() == "imported"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pararnn_core.cli_args import Parser, positive_int, run_cli
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pararnn-convert", description="Convert ParaRNN checkpoints.")
+    p = Parser(prog="pararnn-convert", description="Convert ParaRNN checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("to-mlx", help="torch checkpoint folder -> MLX checkpoint folder (mlx-lm layout)")
     m.add_argument("--model", required=True, help="source checkpoint folder (from pararnn-train)")
@@ -18,10 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64)
     m.add_argument("--tokenizer", help="a Hugging Face tokenizer.json to ship instead of the source's")
     m.add_argument("--force", action="store_true", help="overwrite --out")
+    m.add_argument("--trust-remote-code", action="store_true",
+                   help="allow importing the user cell's module named in the source's config.json (runs its code)")
     a = sub.add_parser("from-apple", help="Apple ml-pararnn cell tensors (.pt/.safetensors) -> our layer weights")
     a.add_argument("--checkpoint", required=True, help="file with A/B/b (and C for the LSTM) tensors")
     a.add_argument("--out", required=True, help="destination folder")
-    a.add_argument("--num-heads", type=int, default=1, help="heads of the cells' input projection")
+    a.add_argument("--num-heads", type=positive_int, default=1, help="heads of the cells' input projection")
     a.add_argument("--cell", choices=("gru", "lstm"), help="cell type (default: lstm when C is present, else gru)")
     a.add_argument("--force", action="store_true", help="overwrite --out")
     return p
@@ -29,24 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "to-mlx":
-            from pararnn_convert.to_mlx import to_mlx
+    hint = "--out is unchanged (nothing half-written is left); "
+    return run_cli("pararnn-convert", lambda: _convert(args), disk_full_hint=hint)
 
-            summary = to_mlx(
-                args.model, args.out, args.dtype, args.quantize, args.q_bits, args.q_group_size,
-                args.tokenizer, args.force,
-            )
-            quant = f", {args.q_bits}-bit quantized (group {args.q_group_size})" if args.quantize else ""
-            print(f"converted {args.model} -> MLX ({args.dtype}{quant})")
-        else:
-            from pararnn_convert.from_apple import from_apple
 
-            summary = from_apple(args.checkpoint, args.out, args.num_heads, args.cell, args.force)
-            print(f"imported Apple ml-pararnn cells from {args.checkpoint}")
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _convert(args) -> int:
+    if args.command == "to-mlx":
+        from pararnn_convert.to_mlx import to_mlx
+
+        summary = to_mlx(
+            args.model, args.out, args.dtype, args.quantize, args.q_bits, args.q_group_size,
+            args.tokenizer, args.force, trust_remote_code=args.trust_remote_code,
+        )
+        quant = f", {args.q_bits}-bit quantized (group {args.q_group_size})" if args.quantize else ""
+        print(f"converted {args.model} -> MLX ({args.dtype}{quant})")
+    else:
+        from pararnn_convert.from_apple import from_apple
+
+        summary = from_apple(args.checkpoint, args.out, args.num_heads, args.cell, args.force)
+        print(f"imported Apple ml-pararnn cells from {args.checkpoint}")
     print(summary.describe())
     return 0
 

@@ -15,34 +15,47 @@ import sys
 import time
 from pathlib import Path
 
+from pararnn_core.cli_args import (
+    CLIError,
+    Parser,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_cli,
+)
+
 UNIFORM_BYTES = math.log(256)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="pararnn-demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(prog="pararnn-demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="folder for the torch and MLX checkpoints")
-    p.add_argument("--steps", type=int, default=1000, help="training steps")
+    p.add_argument("--steps", type=positive_int, default=1000, help="training steps")
     p.add_argument("--cell", default="gru")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--d-model", type=positive_int, default=128)
+    p.add_argument("--layers", type=positive_int, default=2)
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--prompt", default="import os\n")
-    p.add_argument("--max-tokens", type=int, default=300)
-    p.add_argument("--temp", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=positive_int, default=300)
+    p.add_argument("--temp", type=non_negative_float, default=0.8)
+    p.add_argument("--top-p", type=positive_float, default=0.95)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli("pararnn-demo", lambda: _demo(args))
+
+
+def _demo(args) -> int:
     out = Path(args.out)
     torch_dir, mlx_dir = out / "torch", out / "mlx"
     if out.exists() and any(out.iterdir()) and not args.force:
-        print(f"error: {out} already exists; pass --force to replace it or --out for another folder", file=sys.stderr)
-        return 2
+        raise CLIError(f"{out} already exists; pass --force to replace it or --out for another folder")
     begin = time.perf_counter()
 
     print(f"== 1/3 train ({args.steps} steps, {args.cell}, d_model {args.d_model}, {args.layers} layers) ==")

@@ -42,10 +42,16 @@ def _read(path: Path) -> dict:
 
 def _group_cells(state: dict) -> dict[str, dict]:
     """prefix -> {leaf: tensor} for every Apple cell in the file; other tensors are ignored."""
+    import torch
+
     groups: dict[str, dict] = {}
     for key, value in state.items():
-        prefix, _, leaf = key.rpartition(".")
+        prefix, _, leaf = key.rpartition(".") if isinstance(key, str) else ("", "", None)
         if leaf in APPLE_LEAVES:
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{key!r} holds a {type(value).__name__}, expected a tensor (an Apple cell parameter)")
+            if not value.is_floating_point():
+                raise ValueError(f"{key!r} is a {value.dtype} tensor, expected a float tensor")
             groups.setdefault(prefix + "." if prefix else "", {})[leaf] = value
     if not groups:
         raise ValueError(
@@ -59,6 +65,9 @@ def from_apple(src, out, num_heads: int = 1, cell: str | None = None, force: boo
     from safetensors.torch import save_file
 
     src, out = Path(src), Path(out)
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"--num-heads must be a positive integer, got {num_heads!r}")
+    checkpoint.check_separate(out, {"--checkpoint": src})
     checkpoint.check_writable(out, force)
     tensors, layers = {}, {}
     for prefix, group in _group_cells(_read(src)).items():
@@ -81,4 +90,5 @@ def from_apple(src, out, num_heads: int = 1, cell: str | None = None, force: boo
         nbytes=lambda t: t.numel() * t.element_size(),
         dtype_name=lambda t: str(t.dtype).removeprefix("torch."),
         force=force,
+        tool="pararnn-convert from-apple",
     )

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from pararnn_convert.model_file import MODEL_FILE, MODEL_FILE_SOURCE
-from pararnn_core import checkpoint
+from pararnn_core import checkpoint, safe_folder
+from pararnn_core.lm_config import LMConfig
 from pararnn_core.tokenizer import TextTokenizer
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -29,15 +30,10 @@ def to_mlx(
     q_group_size: int = 64,
     tokenizer_file=None,
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> checkpoint.WriteSummary:
-    """Convert; every check runs before anything is written."""
-    import mlx.core as mx
-    import mlx.nn as nn
-    from mlx.utils import tree_flatten
-
-    from pararnn_mlx.lm import Model, ModelArgs
-    from pararnn_mlx.loader import check_checkpoint
-
+    """Convert; every check runs before anything is written, under the lock of ``out``.
+    ``trust_remote_code``: allow importing the user cell's ``cell_module`` named by the source."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if quantize and q_bits not in Q_BITS:
@@ -45,9 +41,21 @@ def to_mlx(
     if quantize and q_group_size not in Q_GROUP_SIZES:
         raise ValueError(f"--q-group-size must be one of {Q_GROUP_SIZES}, got {q_group_size}")
     src, out = Path(src), Path(out)
-    if src.resolve() == out.resolve():
-        raise ValueError("--out must differ from --model (the source is read while the output is written)")
-    checkpoint.check_writable(out, force)
+    checkpoint.check_separate(out, {"--model": src})
+    with safe_folder.FolderLock(out, "pararnn-convert to-mlx"):
+        checkpoint.check_writable(out, force)
+        LMConfig.load(src, trust_remote_code=trust_remote_code)  # registers a trusted user cell first
+        return _convert(src, out, dtype, quantize, q_bits, q_group_size, tokenizer_file, force)
+
+
+def _convert(src: Path, out: Path, dtype, quantize, q_bits, q_group_size, tokenizer_file, force):
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from pararnn_mlx.lm import Model, ModelArgs
+    from pararnn_mlx.loader import check_checkpoint
+
     config = check_checkpoint(src)
     raw = json.loads((src / checkpoint.CONFIG_FILE).read_text())
     if raw.get("quantization"):
@@ -97,6 +105,7 @@ def to_mlx(
         dtype_name=_dtype_name,
         files=files,
         force=force,
+        tool="pararnn-convert to-mlx",
     )
 
 

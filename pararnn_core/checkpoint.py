@@ -9,12 +9,12 @@ callback and checked by reading the safetensors headers (no tensor data is loade
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pararnn_core import safe_folder
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -60,12 +60,28 @@ def _shards(names, sizes, max_shard_bytes):
 
 
 def check_writable(out, force: bool):
-    """Refuse to replace an existing folder unless ``force``; called before any work is done."""
+    """Refuse to replace an existing folder unless ``force``; called before any work is done
+    (and checked again, atomically, when the new folder is moved into place)."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force (force=True) to overwrite it")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
+
+
+def check_separate(out, inputs: Mapping[str, object]):
+    """Refuse an output folder that is, contains or lies inside an input (``--flag -> path``):
+    replacing it would delete the input, or the output would be read back as input."""
+    target = Path(out).resolve()
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source == target or target in source.parents or source in target.parents:
+            raise ValueError(
+                f"--out {out} overlaps {flag} {path}: writing the checkpoint would replace or mix with the input; "
+                f"choose an --out outside it"
+            )
 
 
 def write_checkpoint(
@@ -78,59 +94,46 @@ def write_checkpoint(
     files: Mapping[str, bytes | Callable[[Path], None]] = (),
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     force: bool = False,
+    tool: str = "pararnn",
 ) -> WriteSummary:
-    """Write a checkpoint folder atomically: everything goes to a temporary sibling folder
-    that is renamed into place at the end, so a failure leaves no half-written folder.
+    """Write a checkpoint folder crash-safely under the folder's lock (pararnn_core.safe_folder):
+    everything goes to a staging sibling that replaces ``out`` in one atomic step, so ``out``
+    always holds a complete checkpoint (the old or the new one) and a failure leaves nothing behind.
 
     ``save_shard(tensors, path, metadata)`` writes one safetensors file (the backend's
     writer); ``files`` maps extra file names to their bytes or to a function writing the file.
     """
     out = Path(out)
-    check_writable(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     summary = WriteSummary(out)
-    try:
-        tmp.mkdir()
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        names = list(tensors)
-        sizes = {k: int(nbytes(tensors[k])) for k in names}
-        shards = _shards(names, sizes, max_shard_bytes)
-        metadata = {"format": "mlx" if config.get("quantization") else "pt"}
-        if len(shards) == 1:
-            save_shard({k: tensors[k] for k in shards[0]}, str(tmp / WEIGHTS_FILE), metadata)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_shard({k: tensors[k] for k in shard}, str(tmp / fname), metadata)
-                weight_map.update({k: fname for k in shard})
-            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        for name, content in dict(files).items():
-            if callable(content):
-                content(tmp / name)
+    with safe_folder.FolderLock(out, tool):
+        check_writable(out, force)
+        with safe_folder.staging(out, replace=force) as tmp:
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            safe_folder.fault_point("staging-partial")
+            names = list(tensors)
+            sizes = {k: int(nbytes(tensors[k])) for k in names}
+            shards = _shards(names, sizes, max_shard_bytes)
+            metadata = {"format": "mlx" if config.get("quantization") else "pt"}
+            if len(shards) == 1:
+                save_shard({k: tensors[k] for k in shards[0]}, str(tmp / WEIGHTS_FILE), metadata)
             else:
-                (tmp / name).write_bytes(content)
-        summary.tensors, summary.bytes = len(names), sum(sizes.values())
-        summary.dtypes = {dtype_name(tensors[k]) for k in names}
-        summary.files = [p.name for p in tmp.iterdir()]
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                weight_map = {}
+                for i, shard in enumerate(shards):
+                    fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                    save_shard({k: tensors[k] for k in shard}, str(tmp / fname), metadata)
+                    weight_map.update({k: fname for k in shard})
+                index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+                (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            for name, content in dict(files).items():
+                if callable(content):
+                    content(tmp / name)
+                else:
+                    (tmp / name).write_bytes(content)
+            summary.tensors, summary.bytes = len(names), sum(sizes.values())
+            summary.dtypes = {dtype_name(tensors[k]) for k in names}
+            summary.files = [p.name for p in tmp.iterdir()]
+            safe_folder.fault_point("staging-written")
     return summary
-
-
-def _replace(tmp: Path, out: Path):
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------
@@ -167,7 +170,7 @@ def weight_files(folder) -> list[Path]:
     """The safetensors files of a checkpoint folder (one file, or the shards its index names)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist{safe_folder.missing_hint(folder)}")
     index = folder / INDEX_FILE
     if index.is_file():
         try:

@@ -187,13 +187,13 @@ class LMConfig:
     @classmethod
     def load(cls, folder, trust_remote_code: bool = False) -> LMConfig:
         """Read ``folder/config.json``; ``trust_remote_code``: allow importing the user cell's ``cell_module``."""
-        path = Path(folder) / "config.json"
-        if not path.is_file():
-            from pararnn_core.safe_folder import missing_hint
+        from pararnn_core.safe_folder import missing_hint
 
-            raise FileNotFoundError(
-                f"{path} not found: a ParaRNN checkpoint folder needs a config.json{missing_hint(folder)}"
-            )
+        path = Path(folder) / "config.json"
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"checkpoint folder {folder} does not exist{missing_hint(folder)}")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: a ParaRNN checkpoint folder needs a config.json")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:

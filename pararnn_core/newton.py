@@ -97,8 +97,8 @@ class SolveInfo:
 
     ``iterations`` and ``residual`` (max abs ``h_t - f(h_{t-1}, u_t)`` at the end)
     are None where the mode computes none: the exact modes (``sequential``, the
-    fused CPU sweep) and Newton inside a compiled graph, which runs a fixed
-    ``max_its`` iterations and cannot read its residual (``converged`` None).
+    fused CPU sweep) and the fused Metal kernel inside a compiled graph, which
+    cannot read its iteration counts back (``converged`` None there).
     ``exact`` marks solves that are exact by construction.
     """
 
@@ -189,16 +189,12 @@ def sequential_solve(cell: Cell, ops, gates, params, h0, resets):
     return ops.stack(outs, 1)
 
 
-def newton_solve(cell: Cell, ops, gates, params, h0, resets, config: NewtonConfig, scan=None, traced=False):
+def newton_solve(cell: Cell, ops, gates, params, h0, resets, config: NewtonConfig, scan=None):
     """Parallel Newton solve; returns (trajectory, SolveInfo).
 
     ``scan(A, b)`` solves the linear recurrence of one Newton step (default: the
-    chunked framework scan); native kernels plug in here. ``traced``: inside a
-    compiled graph nothing may be read back, so exactly ``max_its`` updates run
-    with no residual check (SolveInfo then reports no residual).
+    chunked framework scan); native kernels plug in here.
     """
-    if traced:
-        return _newton_fixed_iterations(cell, ops, gates, params, h0, resets, config, scan)
     scan = scan or (lambda A, b: block_scan(ops, A, b, chunk=config.chunk))
     tol = config.tolerance(ops.itemsize(gates[0]))
     info = SolveInfo(mode="parallel")
@@ -253,18 +249,6 @@ def _newton_update(traj, jac, diff, mask, scan, damping):
         jac = [[a * mask for a in row] for row in jac]
     delta = scan(jac, diff)
     return [h + (d if damping == 1.0 else damping * d) for h, d in zip(traj, delta)]
-
-
-def _newton_fixed_iterations(cell, ops, gates, params, h0, resets, config, scan):
-    scan = scan or (lambda A, b: block_scan(ops, A, b, chunk=config.chunk))
-    f = step_fn(cell, ops)
-    traj = _initial_guess(cell, ops, gates, params, h0)
-    mask = chain_mask(ops, resets, gates[0]) if resets is not None else None
-    for _ in range(config.max_its):
-        fval, jac = step_and_jacobian(cell, ops, previous_states(ops, traj, h0, resets), gates, params)
-        traj = _newton_update(traj, jac, [fv - h for fv, h in zip(fval, traj)], mask, scan, config.damping)
-    traj = list(f(previous_states(ops, traj, h0, resets), gates, params))
-    return traj, SolveInfo(mode="parallel", iterations=config.max_its, residual=None, converged=None)
 
 
 def _newton_predicts_convergence(residuals, tol) -> bool:

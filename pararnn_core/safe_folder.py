@@ -82,6 +82,13 @@ def _sibling(out: Path, kind: str, pid: int | None = None) -> Path:
     return out.parent / f".{out.name}.{kind}-{os.getpid() if pid is None else pid}"
 
 
+def staging_path(out, pid: int | None = None) -> Path:
+    """Where a writer with process id ``pid`` (default: this one) stages a new version of ``out``.
+    Several processes writing one version (sharded checkpoints) agree on the pid of the one that
+    commits; ``recover`` knows these names."""
+    return _sibling(normalized(out), "tmp", pid)
+
+
 def normalized(out) -> Path:
     """``out`` as an absolute path without ``.``/``..`` (so ``--out .`` has a real name and parent)."""
     return Path(os.path.abspath(out))
@@ -211,7 +218,7 @@ def staging(out, replace: bool):
     delete it when the block fails. Hold ``FolderLock(out)`` around it."""
     out = normalized(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(out, "tmp")
+    tmp = staging_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     fault_point("staging-created")
@@ -225,7 +232,9 @@ def staging(out, replace: bool):
 
 
 def commit(staged: Path, out: Path, replace: bool):
-    """Move a complete staging folder to ``out`` (see the module docstring)."""
+    """Move a complete staging folder (``staging_path(out, pid)``) to ``out`` (see the module docstring).
+    ``staging`` calls it; multi-process writers call it from the one process that holds the lock."""
+    staged, out = normalized(staged), normalized(out)
     atomic_fs.fsync_tree(staged)
     fault_point("staging-synced")
     if not os.path.lexists(out):

@@ -12,7 +12,7 @@ Every solve has the signature::
 with gates ``u`` [B, T, G, N] (without bias), ``recurrent`` [P, N], ``bias`` [G, N],
 ``h0`` [B, K, N] or None, ``resets`` [B, T] bool or None. ``traced`` is True
 inside a compiled or transformed graph (MLX), where a solve must not read
-values back to the host (Newton then runs a fixed number of iterations).
+values back to the host.
 """
 
 from __future__ import annotations

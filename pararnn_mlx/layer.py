@@ -66,7 +66,7 @@ class MlxBackend(ArrayBackend):
         return mx.stack(list(parts), axis)
 
     def unstack(self, x, axis):
-        return [mx.take(x, i, axis=axis) for i in range(x.shape[axis])]
+        return [mx.squeeze(part, axis) for part in mx.split(x, x.shape[axis], axis=axis)]
 
     def zeros(self, shape, like, dtype):
         return mx.zeros(shape, dtype=dtype)
@@ -97,9 +97,10 @@ class ParaRNN(RecurrentLayer, nn.Module):
     After every call, ``last_solve`` holds the solve's diagnostics (mode,
     Newton iterations, final residual, whether it converged or fell back).
     Inside ``mx.compile`` (e.g. mlx-lm's compiled training step) nothing is
-    read back: ``auto`` picks a mode that runs in the graph, Newton runs
-    ``newton.max_its`` iterations and the input checks that need values are
-    skipped; ``step`` never reads values back.
+    read back: ``auto`` picks a mode that runs in the graph (the fused Metal
+    kernel on a Mac, the exact ``sequential`` loop on the CPU), the checks that
+    need values are skipped, and ``last_solve`` has no iteration counts;
+    ``step`` never reads values back.
     """
 
     backend = MlxBackend()

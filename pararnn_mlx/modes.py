@@ -32,12 +32,11 @@ def _sequential(cell, u, recurrent, bias, h0, resets, config, traced):
 
 
 def _parallel(cell, u, recurrent, bias, h0, resets, config, traced):
-    return solve_newton(cell, u + bias, recurrent, h0, resets, config, ScanPair(), "parallel", traced)
+    return solve_newton(cell, u + bias, recurrent, h0, resets, config, ScanPair(), "parallel")
 
 
 def _kernel(cell, u, recurrent, bias, h0, resets, config, traced):
-    return solve_newton(cell, u + bias, recurrent, h0, resets, config, metal_scan.native_scan_pair(), "kernel",
-                        traced)
+    return solve_newton(cell, u + bias, recurrent, h0, resets, config, metal_scan.native_scan_pair(), "kernel")
 
 
 def _fused(cell, u, recurrent, bias, h0, resets, config, traced):
@@ -52,9 +51,10 @@ TABLE = SolverTable(
     "pararnn_mlx",
     [
         SolverEntry("sequential", _sequential, _always, exact=True),
-        SolverEntry("parallel", _parallel, _always, honours=ALL_SETTINGS),
+        # Newton in framework ops reads its residual to stop: not inside mx.compile (auto then takes sequential)
+        SolverEntry("parallel", _parallel, _always, honours=ALL_SETTINGS, traceable=False),
         SolverEntry("kernel", _kernel, lambda cell, key: metal_scan.unavailable_reason(_device(key)),
-                    honours=ALL_SETTINGS - {"chunk"}, device_types=("gpu",)),
+                    honours=ALL_SETTINGS - {"chunk"}, traceable=False),
         # CPU: the exact sweep of the shared C++ library, through host memory (not inside mx.compile)
         SolverEntry("fused", _fused, lambda cell, key: fused_unavailable_reason(cell, _device(key)), exact=True,
                     traceable=False, device_types=("cpu",)),

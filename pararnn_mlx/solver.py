@@ -58,24 +58,23 @@ def _components(traj):
     return [traj[:, :, k] for k in range(traj.shape[2])]
 
 
-def solve_newton(cell, u, recurrent, h0, resets, config, scans: ScanPair, mode: str, traced: bool = False):
+def solve_newton(cell, u, recurrent, h0, resets, config, scans: ScanPair, mode: str):
     """Newton forward, adjoint backward; gradients flow to u, recurrent and h0 (when given).
 
-    ``traced`` (inside mx.compile): a fixed number of Newton iterations, no host reads.
+    Not for compiled graphs: Newton stops on its residual (a host read), and MLX
+    (0.32) fails to compile a custom vjp that itself calls ``mx.vjp``.
     """
     forward_scan = scans.forward or framework_scan(False, config.chunk)
     reverse_scan = scans.reverse or framework_scan(True, config.chunk)
-    # a traced graph holds no evaluated arrays, so the host-copy workaround does not apply (nor work) there
-    detach = mx.stop_gradient if traced else _detached
     infos: list[SolveInfo] = []
 
     # resets, cell and config are not differentiated, so the closure may hold them;
     # everything that needs a gradient is an argument of the custom function
     @mx.custom_function
     def solve(u, recurrent, *initial):
-        initial = [detach(h) for h in initial]
-        gates, params, h0_list = _unpack(detach(u), detach(recurrent), initial[0] if initial else None)
-        traj, info = newton_solve(cell, ops, gates, params, h0_list, resets, config, scan=forward_scan, traced=traced)
+        initial = [_detached(h) for h in initial]
+        gates, params, h0_list = _unpack(_detached(u), _detached(recurrent), initial[0] if initial else None)
+        traj, info = newton_solve(cell, ops, gates, params, h0_list, resets, config, scan=forward_scan)
         infos.append(info)
         return mx.stack(traj, 2)
 

@@ -54,8 +54,14 @@ def embedded_documents(max_bytes: int, seed: int = 0) -> list[str]:
 
 def _jsonl_documents(path: Path) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{number} is not UTF-8 text (byte {e.start + 1} of the line); a .jsonl file is UTF-8 JSON"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -122,13 +128,14 @@ class Batch:
 class PackedSequences:
     """Fixed-length windows of a token stream; ``batch(step, ...)`` is deterministic."""
 
-    def __init__(self, tokens: np.ndarray, starts: np.ndarray, seq_len: int, seed: int):
+    def __init__(self, tokens: np.ndarray, starts: np.ndarray, seq_len: int, seed: int, split: str = "data"):
+        """``split`` names this part of the data in errors (e.g. "training split")."""
         self.tokens, self.starts, self.seq_len, self.seed = tokens, starts, seq_len, seed
         self.count = (len(tokens) - 1) // seq_len
         self._orders: dict[int, np.ndarray] = {}
         if self.count < 1:
             raise DataError(
-                f"the data has {len(tokens)} tokens, fewer than one sequence of --seq-len {seq_len} + 1; "
+                f"the {split} has {len(tokens)} tokens, fewer than one sequence of --seq-len {seq_len} + 1; "
                 f"use more data or a shorter --seq-len"
             )
 

@@ -266,8 +266,12 @@ def _save_shard(tensors, path, metadata):
     save_file(tensors, path, metadata=metadata)
 
 
-def save_lm(model: ParaRNNLM, out, tokenizer, files=None, force: bool = False, dtype=None, max_shard_bytes=None):
-    """Write ``model`` and ``tokenizer`` as a checkpoint folder (atomically); returns a WriteSummary."""
+def save_lm(
+    model: ParaRNNLM, out, tokenizer, files=None, force: bool = False, dtype=None, max_shard_bytes=None,
+    tool: str = "pararnn_torch.save_lm",
+):
+    """Write ``model`` and ``tokenizer`` as a checkpoint folder (crash-safe, under the folder's lock,
+    see pararnn_core.safe_folder); returns a WriteSummary."""
     from pararnn_core import checkpoint
 
     tensors = {
@@ -285,18 +289,22 @@ def save_lm(model: ParaRNNLM, out, tokenizer, files=None, force: bool = False, d
         dtype_name=lambda t: _SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)),
         files={**tokenizer.files(), **(files or {})},
         force=force,
+        tool=tool,
         **extra,
     )
 
 
-def load_lm(folder, mode: str = "auto", device=None, dtype=None):
-    """Load a checkpoint folder: returns (ParaRNNLM, TextTokenizer). Every mismatch is reported at once."""
+def load_lm(folder, mode: str = "auto", device=None, dtype=None, trust_remote_code: bool = False):
+    """Load a checkpoint folder: returns (ParaRNNLM, TextTokenizer). Every mismatch is reported at once.
+
+    Only ``config.json``, the weight files it implies and the tokenizer are read; a user cell's
+    ``cell_module`` is imported only with ``trust_remote_code=True``."""
     from safetensors.torch import load_file
 
     from pararnn_core import checkpoint
     from pararnn_core.tokenizer import TextTokenizer
 
-    config = LMConfig.load(folder)
+    config = LMConfig.load(folder, trust_remote_code=trust_remote_code)
     raw = json.loads((Path(folder) / checkpoint.CONFIG_FILE).read_text())
     if raw.get("quantization"):
         raise checkpoint.CheckpointError(

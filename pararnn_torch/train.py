@@ -4,77 +4,111 @@
     torchrun --nproc-per-node 8 -m pararnn_torch.train --data corpus.jsonl --out runs/big ...
 
 The output folder is a checkpoint folder (config.json, model.safetensors,
-tokenizer files) plus ``training_state.pt`` (optimizer, schedule, step, RNG),
-``metrics.jsonl`` and, at the end, ``loss_curve.png``. It is rewritten
-atomically every ``--save-every`` steps; ``--resume`` continues from it exactly.
+tokenizer files) plus the training state (``training_state.json`` +
+``training_state.safetensors``: optimizer, schedule, step, RNG; no pickle),
+``metrics.jsonl`` and ``loss_curve.png`` (pararnn_torch.checkpointing). It is
+replaced crash-safely every ``--save-every`` steps, under an exclusive lock on
+the folder (pararnn_core.safe_folder); ``--resume`` continues from it exactly,
+refusing changed model/data flags (pararnn_torch.train_flags).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
+import contextlib
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pararnn_core.checkpoint import check_writable
-from pararnn_core.lm_config import ConfigError, LMConfig
+from pararnn_core.checkpoint import CheckpointError, check_separate, check_writable
+from pararnn_core.cli_args import (
+    CLIError,
+    Parser,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_cli,
+)
+from pararnn_core.lm_config import LMConfig
+from pararnn_core.safe_folder import FolderLock, missing_hint
 from pararnn_core.tokenizer import TextTokenizer
 from pararnn_torch import data as data_mod
-from pararnn_torch.lm import ParaRNNLM, load_lm, save_lm
-
-TRAINING_STATE = "training_state.pt"
-METRICS = "metrics.jsonl"
-LOSS_CURVE = "loss_curve.png"
+from pararnn_torch.checkpointing import (
+    STATE_JSON,
+    History,
+    TrainingState,
+    capture_rng,
+    has_run,
+    load_run,
+    restore_rng,
+    save_run,
+)
+from pararnn_torch.lm import ParaRNNLM, load_lm
+from pararnn_torch.train_flags import DEFAULTS, resolve_fresh, resolve_resume
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pararnn-train", description="Train a ParaRNN language model (PyTorch).")
-    g = p.add_argument_group("data")
+    # flags of train_flags.FIXED_ON_RESUME / CHANGEABLE_ON_RESUME default to None ("not given"):
+    # a fresh run takes train_flags.DEFAULTS, --resume the run's saved values
+    d = DEFAULTS
+    p = Parser(prog="pararnn-train", description="Train a ParaRNN language model (PyTorch).")
+    g = p.add_argument_group("data (fixed for a run)")
     g.add_argument("--data", help="text file, folder of text files, or .jsonl (default: the embedded corpus)")
     g.add_argument("--tokenizer", help="a Hugging Face tokenizer.json (default: byte-level, 256 bytes + specials)")
-    g.add_argument("--corpus-bytes", type=int, default=4_000_000, help="size of the embedded corpus sample")
-    g.add_argument("--eval-fraction", type=float, default=0.02, help="documents held out for evaluation")
-    g = p.add_argument_group("model")
-    g.add_argument("--cell", default="gru", help="gru, lstm, mgu or a registered user cell")
-    g.add_argument("--cell-module", help="module to import that registers a user cell")
-    g.add_argument("--d-model", type=int, default=256)
-    g.add_argument("--layers", type=int, default=4)
-    g.add_argument("--heads", type=int, default=1)
-    g.add_argument("--cell-size", type=int, default=0, help="cell hidden size (default: d-model)")
-    g.add_argument("--mlp-size", type=int, default=0, help="SwiGLU hidden size (default: 8/3 d-model)")
-    g.add_argument("--untied", action="store_true", help="separate output head instead of tied embeddings")
-    g.add_argument("--mode", default="auto", help="solver mode of the cells (auto, parallel, sequential, ...)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--seq-len", type=int, default=256)
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per step, over all processes")
-    g.add_argument("--steps", type=int, default=1000)
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine schedule floor, as a fraction of --lr")
-    g.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of --steps)")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--z-loss", type=float, default=0.0, help="weight of the z-loss (logsumexp^2), e.g. 1e-4")
-    g.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("run")
-    g.add_argument("--out", required=True, help="output checkpoint folder")
+    g.add_argument("--corpus-bytes", type=positive_int,
+                   help=f"size of the embedded corpus sample (default {d['corpus_bytes']:,})")
+    g.add_argument("--eval-fraction", type=fraction,
+                   help=f"documents held out for evaluation (default {d['eval_fraction']})")
+    g.add_argument("--seq-len", type=positive_int, help=f"tokens per sequence (default {d['seq_len']})")
+    g.add_argument("--batch-size", type=positive_int,
+                   help=f"sequences per step, over all processes (default {d['batch_size']})")
+    g.add_argument("--seed", type=non_negative_int, help=f"seed of the init and the data order (default {d['seed']})")
+    g = p.add_argument_group("model (fixed for a run)")
+    g.add_argument("--cell", help=f"gru, lstm, mgu or a registered user cell (default {d['cell']})")
+    g.add_argument("--cell-module", help="module to import that registers a user cell (runs its code)")
+    g.add_argument("--d-model", type=positive_int, help=f"(default {d['d_model']})")
+    g.add_argument("--layers", type=positive_int, help=f"(default {d['layers']})")
+    g.add_argument("--heads", type=positive_int, help=f"(default {d['heads']})")
+    g.add_argument("--cell-size", type=non_negative_int, help="cell hidden size (default: d-model)")
+    g.add_argument("--mlp-size", type=non_negative_int, help="SwiGLU hidden size (default: 8/3 d-model)")
+    g.add_argument("--untied", action="store_true", default=None,
+                   help="separate output head instead of tied embeddings")
+    g = p.add_argument_group("optimisation (may change on --resume)")
+    g.add_argument("--steps", type=positive_int,
+                   help=f"total steps (default {d['steps']}; on --resume: >= the saved step)")
+    g.add_argument("--lr", type=positive_float, help=f"peak learning rate (default {d['lr']})")
+    g.add_argument("--min-lr-ratio", type=non_negative_float,
+                   help=f"cosine schedule floor, as a fraction of --lr (default {d['min_lr_ratio']})")
+    g.add_argument("--warmup", type=non_negative_int, help="warm-up steps (default: 5%% of --steps)")
+    g.add_argument("--weight-decay", type=non_negative_float, help=f"(default {d['weight_decay']})")
+    g.add_argument("--grad-clip", type=non_negative_float,
+                   help=f"gradient norm clip, 0: off (default {d['grad_clip']})")
+    g.add_argument("--z-loss", type=non_negative_float,
+                   help="weight of the z-loss (logsumexp^2), e.g. 1e-4 (default 0)")
+    g.add_argument("--mode", help="solver mode of the cells (auto, parallel, sequential, ...; default auto)")
+    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"),
+                   help="autocast dtype (auto, the default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--eval-every", type=positive_int, help=f"(default {d['eval_every']})")
+    g.add_argument("--eval-batches", type=positive_int, help=f"(default {d['eval_batches']})")
+    g.add_argument("--save-every", type=positive_int, help=f"(default {d['save_every']})")
+    g = p.add_argument_group("run (this invocation only)")
+    g.add_argument("--out", required=True, help="output checkpoint folder (locked while the run writes it)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    g.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="autocast dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-    g.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out (flags not given keep the run's values)")
     g.add_argument("--force", action="store_true", help="start over, replacing --out")
-    g.add_argument("--eval-every", type=int, default=100)
-    g.add_argument("--eval-batches", type=int, default=8)
-    g.add_argument("--save-every", type=int, default=200)
-    g.add_argument("--stop-after", type=int, default=None,
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="on --resume, allow importing the user cell's module named in config.json (runs its code)")
+    g.add_argument("--stop-after", type=positive_int, default=None,
                    help="stop after this many steps in this run (time-sliced jobs); --resume continues")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (log lines instead)")
     return p
@@ -109,12 +143,6 @@ class Dist:
         return float(t) / self.world
 
 
-@dataclass
-class History:
-    train: list = field(default_factory=list)  # (step, loss)
-    eval: list = field(default_factory=list)  # (step, loss)
-
-
 def lr_lambda(warmup: int, steps: int, min_ratio: float):
     def f(step):
         if step < warmup:
@@ -147,7 +175,10 @@ def evaluate(model, batches, device, autocast) -> float:
 
 def _pick_device(name):
     if name:
-        return torch.device(name)
+        try:
+            return torch.device(name)
+        except RuntimeError:
+            raise CLIError(f"--device {name!r} is not a torch device; expected e.g. cpu, cuda, cuda:1") from None
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -163,17 +194,48 @@ def _config_from_args(args, vocab_size, eos) -> LMConfig:
         mlp_size=args.mlp_size,
         tie_embeddings=not args.untied,
         eos_token_id=eos,
+        trust_remote_code=True,  # a --cell-module given on the command line is the user's own choice
     )
 
 
 def _check_args(args, world):
-    for name in ("steps", "seq_len", "batch_size", "eval_every", "save_every", "eval_batches"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
-    if args.lr <= 0:
-        raise SystemExit(f"error: --lr must be positive, got {args.lr}")
+        raise CLIError(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    if args.min_lr_ratio > 1:
+        raise CLIError(f"--min-lr-ratio must be in [0, 1] (a fraction of --lr), got {args.min_lr_ratio}")
+
+
+def _resolve_flags(args, out: Path) -> TrainingState | None:
+    """Check --out and fill the flags not given; returns the saved state when resuming."""
+    if args.resume and args.force:
+        raise CLIError("--resume continues the run in --out and --force replaces it: pass one of them")
+    if args.resume:
+        if not has_run(out):
+            raise CLIError(f"--resume, but {out} holds no saved run ({STATE_JSON} not found){missing_hint(out)}")
+        state = load_run(out)
+        for note in resolve_resume(args, state.args, state.step, out):
+            print(f"note: resuming with {note}", file=sys.stderr)
+    else:
+        state = None
+        resolve_fresh(args)
+    check_separate(out, {"--data": args.data})
+    if state is None:
+        try:
+            check_writable(out, args.force)
+        except FileExistsError as e:
+            raise CLIError(f"{e} (or --resume to continue the run in it)") from None
+    return state
+
+
+def _apply_schedule_flags(optimizer, scheduler, args):
+    """After loading a saved optimizer/scheduler: the (possibly changed) --lr, schedule and
+    --weight-decay take effect from the saved step on; unchanged flags give the saved values."""
+    scheduler.base_lrs = [args.lr for _ in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+    optimizer.param_groups[0]["weight_decay"] = args.weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def train(args) -> dict:
@@ -182,36 +244,38 @@ def train(args) -> dict:
     if device.type == "cuda" and ddp.world > 1:
         device = torch.device("cuda", ddp.local_rank)
         torch.cuda.set_device(device)
-    _check_args(args, ddp.world)
     out = Path(args.out)
-    resuming = args.resume and (out / TRAINING_STATE).is_file()
-    if args.resume and not resuming:
-        raise SystemExit(f"error: --resume, but {out / TRAINING_STATE} does not exist")
-    if not resuming:
-        try:
-            check_writable(out, args.force)
-        except FileExistsError as e:
-            raise SystemExit(f"error: {e} (or --resume to continue the run in it)") from None
+    # rank 0 writes --out: it holds the folder's lock for the whole run (and recovers what killed runs left)
+    with FolderLock(out, "pararnn-train") if ddp.main else contextlib.nullcontext():
+        if ddp.world > 1:
+            dist.barrier()
+        return _train(args, out, device, ddp)
 
-    # data (deterministic, identical in every process)
-    if resuming:
-        model, tokenizer = load_lm(out, mode=args.mode, device=device, dtype=torch.float32)
+
+def _train(args, out: Path, device, ddp: Dist) -> dict:
+    saved = _resolve_flags(args, out)
+    _check_args(args, ddp.world)
+
+    if saved is not None:
+        model, tokenizer = load_lm(out, mode=args.mode, device=device, dtype=torch.float32,
+                                   trust_remote_code=args.trust_remote_code)
         config = model.config
+        if _config_from_args(args, tokenizer.vocab_size, tokenizer.eos_token_id) != config:
+            raise CheckpointError(
+                f"{out}: {STATE_JSON} and config.json describe different models; the run folder is inconsistent"
+            )
     else:
         tokenizer = TextTokenizer.from_file(args.tokenizer) if args.tokenizer else TextTokenizer.bytes()
-        try:
-            config = _config_from_args(args, tokenizer.vocab_size, tokenizer.eos_token_id)
-        except ConfigError as e:
-            raise SystemExit(f"error: {e}") from None
+        config = _config_from_args(args, tokenizer.vocab_size, tokenizer.eos_token_id)
         torch.manual_seed(args.seed)
         model = ParaRNNLM(config, mode=args.mode, device=device)
-    try:
-        docs = data_mod.read_documents(args.data) if args.data else data_mod.embedded_documents(args.corpus_bytes)
-    except data_mod.DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    # data (deterministic, identical in every process)
+    docs = data_mod.read_documents(args.data) if args.data else data_mod.embedded_documents(args.corpus_bytes)
     train_docs, eval_docs = data_mod.split_documents(docs, args.eval_fraction)
-    train_set = data_mod.PackedSequences(*data_mod.pack(train_docs, tokenizer), args.seq_len, args.seed)
-    eval_set = data_mod.PackedSequences(*data_mod.pack(eval_docs, tokenizer), args.seq_len, args.seed)
+    train_set = data_mod.PackedSequences(*data_mod.pack(train_docs, tokenizer), args.seq_len, args.seed,
+                                         split="training split")
+    eval_set = data_mod.PackedSequences(*data_mod.pack(eval_docs, tokenizer), args.seq_len, args.seed,
+                                        split=f"evaluation split (--eval-fraction {args.eval_fraction})")
     eval_batches = eval_set.eval_batches(args.batch_size, args.eval_batches)  # rank 0 evaluates them all
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "cell." not in n]
@@ -221,18 +285,14 @@ def train(args) -> dict:
         lr=args.lr,
         betas=(0.9, 0.95),
     )
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, args.steps, args.min_lr_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup, args.steps, args.min_lr_ratio))
     history, step = History(), 0
-    if resuming:
-        state = torch.load(out / TRAINING_STATE, map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
-        history = History(**state["history"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    if saved is not None:
+        optimizer.load_state_dict(saved.optimizer)
+        scheduler.load_state_dict(saved.scheduler)
+        _apply_schedule_flags(optimizer, scheduler, args)
+        step, history = saved.step, saved.history
+        restore_rng(saved.rng, device)
 
     wrapped = model
     if ddp.world > 1:
@@ -240,31 +300,19 @@ def train(args) -> dict:
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     use_bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    replace = saved is not None or args.force  # the first save of a fresh run never replaces a folder
 
     def save():
+        nonlocal replace
         if not ddp.main:
             return
-        training_state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "history": history.__dict__,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            },
-            "args": vars(args),
-        }
-        buf = io.BytesIO()
-        torch.save(training_state, buf)
-        metrics = "".join(json.dumps({"step": s, "train_loss": v}) + "\n" for s, v in history.train)
-        metrics += "".join(json.dumps({"step": s, "eval_loss": v}) + "\n" for s, v in history.eval)
-        files = {
-            TRAINING_STATE: buf.getvalue(),
-            METRICS: metrics.encode(),
-            LOSS_CURVE: lambda path: write_loss_curve(history, path),
-        }
-        save_lm(model, out, tokenizer, files=files, force=True)
+        state = TrainingState(
+            step=step, args=vars(args), history=history, optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), rng=capture_rng(device),
+            data_position={"step": step, "sequences": step * args.batch_size},
+        )
+        save_run(out, model, tokenizer, state, force=replace)
+        replace = True
 
     tokens_per_step = args.batch_size * args.seq_len
     last = args.steps if args.stop_after is None else min(args.steps, step + args.stop_after)
@@ -301,7 +349,7 @@ def train(args) -> dict:
         step += 1
         value = ddp.mean(loss.item())
         if not math.isfinite(value):
-            raise SystemExit(f"error: the loss became {value} at step {step}; lower --lr or raise --grad-clip")
+            raise CLIError(f"the loss became {value} at step {step}; lower --lr or raise --grad-clip")
         history.train.append((step, value))
         rate = (step - started_step) * tokens_per_step / (time.perf_counter() - started)
         if progress is not None:
@@ -335,31 +383,6 @@ def train(args) -> dict:
     return result
 
 
-def write_loss_curve(history: History, path: Path):
-    """Train and eval loss per step as a PNG (skipped with a note when matplotlib is missing)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed, no loss curve written", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if history.train:
-        ax.plot(*zip(*history.train), label="train", lw=1)
-    if history.eval:
-        ax.plot(*zip(*history.eval), "o-", label="eval")
-    ax.axhline(math.log(256), color="gray", ls="--", lw=0.8, label="uniform bytes (ln 256)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def run(argv=None) -> dict:
     """Parse the command line and train; returns the final step, losses, speed and folder."""
     args = build_parser().parse_args(argv)
@@ -375,8 +398,9 @@ def run(argv=None) -> dict:
 
 
 def main(argv=None) -> int:
-    run(argv)
-    return 0
+    hint = "the last complete checkpoint in --out is intact and no partial files are left; "
+    return run_cli("pararnn-train", lambda: run(argv) and 0, disk_full_hint=hint,
+                   interrupt_hint="; --out holds the last complete checkpoint, --resume continues from it")
 
 
 if __name__ == "__main__":

@@ -98,8 +98,11 @@ def test_corrupt_and_missing_files(tmp_path):
     weights.unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_lm(tmp_path / "ck")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         load_lm(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="needs a config.json"):
+        load_lm(tmp_path / "empty")
     (tmp_path / "ck" / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_lm(tmp_path / "ck")

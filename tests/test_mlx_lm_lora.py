@@ -1,4 +1,4 @@
-"""mlx_lm.lora on a converted ParaRNN folder: mlx-lm's own training code (train_model -> tuner.train with
+"""mlx_lm.lora on a converted ParaRNN folder (the command line, and mlx-lm's train_model -> tuner.train with
 its mx.compile'd step) lowers the validation loss for LoRA, DoRA, full and 4-bit QLoRA fine-tuning, and the
 adapters load in mlx_lm (load(adapter_path=...)) and pararnn_mlx.load with the same greedy tokens."""
 
@@ -70,8 +70,7 @@ def _greedy(model, tokenizer, n=12):
                                                      ("lora", "q4")])
 def test_mlx_lm_lora_training_lowers_validation_loss(folders, fine_tune_type, source):
     adapters = folders / f"adapters-{fine_tune_type}-{source}"
-    # sequential: the mode mx.compile can trace today (see test_lora_command_line_in_auto_mode)
-    model, tokenizer = load(folders / source, mode="sequential")
+    model, tokenizer = load(folders / source)
     args = _lora_args(folders / source, folders / "data", adapters, fine_tune_type)
     train_set, valid_set, _ = load_dataset(args, tokenizer)
     losses = ValidationLosses()
@@ -86,11 +85,8 @@ def test_mlx_lm_lora_training_lowers_validation_loss(folders, fine_tune_type, so
     assert _greedy(ours, tokenizer, 40) != _greedy(untuned, tokenizer, 40)  # the adapter changed the model
 
 
-@pytest.mark.xfail(strict=True, reason="lead: mx.compile(mx.grad(...)) over the traced parallel Newton solve "
-                   "(pararnn_mlx/solver.py solve_newton(traced=True), which auto picks inside mx.compile) raises "
-                   "IndexError: _Map_base::at on mlx 0.32.4; remove this mark when it passes")
-def test_lora_command_line_in_auto_mode(folders):
-    """`mlx_lm.lora --train` exactly as a user types it (the model's default mode, auto)."""
+def test_lora_command_line(folders):
+    """`mlx_lm.lora --train` exactly as a user types it."""
     adapters = folders / "adapters-cli"
     cli = subprocess.run(
         [sys.executable, "-m", "mlx_lm", "lora", "--model", str(folders / "float"), "--trust-remote-code", "--train",

@@ -195,25 +195,71 @@ def read_tensor_table(folder) -> dict[str, tuple[str, tuple[int, ...]]]:
     return table
 
 
+#: group size and bits of each mlx quantization mode when a config leaves them out (mlx.nn's defaults)
+QUANT_MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+#: safetensors dtype of the scales of the microscaling modes (every mode but affine; they have no biases)
+MX_SCALES_DTYPE = "U8"
+
+
+def layer_quantization(module: str, cols: int, quantization: dict, found: Mapping) -> dict | None:
+    """How mlx-lm's loader (mlx_lm.utils.load_model) quantizes ``module``: None (it stays float) or
+    ``{"group_size", "bits", "mode"}``. A per-layer entry in the config wins (``false``: float; ``true``:
+    the top-level settings); otherwise the layer is quantized when its scales are stored, with the
+    settings the stored shapes and scale dtype imply (as mlx-lm's ``infer_quant_config``)."""
+    if module in quantization:
+        entry = quantization[module]
+        if entry is False:
+            return None
+        params = dict(quantization if entry is True else entry)
+    elif f"{module}.scales" not in found:
+        return None
+    else:
+        params = _inferred_quantization(module, cols, found)
+    mode = params.get("mode") or "affine"
+    if mode not in QUANT_MODE_DEFAULTS:
+        raise CheckpointError(
+            f"{module}: quantization mode {mode!r} is not one of mlx's ({', '.join(QUANT_MODE_DEFAULTS)})"
+        )
+    group, bits = QUANT_MODE_DEFAULTS[mode]
+    return {"group_size": params.get("group_size") or group, "bits": params.get("bits") or bits, "mode": mode}
+
+
+def _inferred_quantization(module: str, cols: int, found: Mapping) -> dict:
+    scales_dtype, scales_shape = found[f"{module}.scales"]
+    weight = found.get(f"{module}.weight")
+    if not scales_shape or not scales_shape[-1] or weight is None or not weight[1]:
+        raise CheckpointError(f"{module}: stored scales {list(scales_shape)} without a packed weight")
+    group, bits = cols // scales_shape[-1], weight[1][-1] * 32 // cols
+    if scales_dtype != MX_SCALES_DTYPE:
+        return {"group_size": group, "bits": bits, "mode": "affine"}
+    for mode, defaults in QUANT_MODE_DEFAULTS.items():
+        if mode != "affine" and defaults == (group, bits):
+            return {"group_size": group, "bits": bits, "mode": mode}
+    raise CheckpointError(
+        f"{module}: uint8 scales with {bits} bits and group size {group} match no mlx quantization mode "
+        f"(mxfp4: 4 bits / 32, nvfp4: 4 bits / 16, mxfp8: 8 bits / 32)"
+    )
+
+
 def expected_table(shapes: Mapping[str, tuple], quantization: dict | None, found: Mapping) -> dict[str, tuple]:
-    """name -> (dtype or None for "any float", shape); quantized layers as mlx stores them."""
+    """name -> (dtype or None for "any float", shape); quantized layers as mlx stores them, layer by layer."""
     expected = {}
     for name, shape in shapes.items():
         module = name.rsplit(".", 1)[0]
-        quantized = (
-            quantization is not None
-            and name.endswith(".weight")
-            and module.rsplit(".", 1)[-1] in QUANTIZABLE_SUFFIXES
-            and f"{module}.scales" in found
-        )
-        if not quantized:
+        params = None
+        if quantization is not None and name.endswith(".weight") and module.rsplit(".", 1)[-1] in QUANTIZABLE_SUFFIXES:
+            params = layer_quantization(module, shape[-1], quantization, found)
+        if params is None:
             expected[name] = (None, tuple(shape))
             continue
-        bits, group = quantization["bits"], quantization["group_size"]
+        bits, group = params["bits"], params["group_size"]
         rows, cols = shape
+        if cols % group:
+            raise CheckpointError(f"{module}: input size {cols} is not a multiple of its group size {group}")
         expected[name] = ("U32", (rows, cols * bits // 32))
-        expected[f"{module}.scales"] = (None, (rows, cols // group))
-        if quantization.get("mode", "affine") == "affine":
+        affine = params["mode"] == "affine"
+        expected[f"{module}.scales"] = (None if affine else MX_SCALES_DTYPE, (rows, cols // group))
+        if affine:
             expected[f"{module}.biases"] = (None, (rows, cols // group))
     return expected
 

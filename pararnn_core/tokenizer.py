@@ -17,6 +17,13 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
+#: chat template of the byte tokenizer (tokenizer_config.json "chat_template", read by mlx_lm.chat and the
+#: server's /v1/chat/completions): a plain transcript, one "role: content" line per message, then "assistant:".
+#: It only formats the conversation; a model answers sensibly only if it was trained on such transcripts.
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 @lru_cache(maxsize=1)
@@ -68,6 +75,7 @@ class TextTokenizer:
             "add_bos_token": False,
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1 << 30,
+            "chat_template": BYTE_CHAT_TEMPLATE,
         }
         return cls(_build_byte_tokenizer(), config, is_bytes=True)
 

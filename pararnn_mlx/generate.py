@@ -10,6 +10,7 @@ per layer, so memory does not grow with the context.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -22,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--seed", type=int, default=None, help="random seed of the sampler")
     p.add_argument("--mode", default="auto", help="solver mode of the prefill (auto, parallel, sequential)")
+    p.add_argument("--adapter-path", default=None,
+                   help="folder of adapters from mlx_lm.lora (adapter_config.json + adapters.safetensors)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow importing the user cell module named by config.json (runs its code)")
     p.add_argument("--verbose", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                    help="print the statistics after the text (default true)")
     return p
@@ -33,9 +38,9 @@ def check_request(prompt: str, max_tokens: int, temp: float, top_p: float):
         raise ValueError("the prompt is empty: give at least one character of text to continue (--prompt)")
     if max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
-    if temp < 0:
-        raise ValueError(f"--temp must be >= 0 (0 is greedy), got {temp}")
-    if not 0 < top_p <= 1:
+    if not math.isfinite(temp) or temp < 0:
+        raise ValueError(f"--temp must be a finite number >= 0 (0 is greedy), got {temp}")
+    if not 0 < top_p <= 1:  # also false for NaN
         raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
 
 
@@ -63,21 +68,27 @@ def main(argv=None) -> int:
     from pararnn_mlx.loader import load
 
     try:
-        model, tokenizer = load(args.model, mode=args.mode)
+        model, tokenizer = load(args.model, mode=args.mode, trust_remote_code=args.trust_remote_code,
+                                adapter_path=args.adapter_path)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    last = None
-    for response in stream(model, tokenizer, prompt, args.max_tokens, args.temp, args.top_p, args.seed):
-        print(response.text, end="", flush=True)
-        last = response
+    last, interrupted = None, False
+    try:
+        for response in stream(model, tokenizer, prompt, args.max_tokens, args.temp, args.top_p, args.seed):
+            print(response.text, end="", flush=True)
+            last = response
+    except KeyboardInterrupt:  # Ctrl-C: stop, keep what was generated, report it
+        interrupted = True
     print()
+    if interrupted:
+        print("[interrupted]", file=sys.stderr)
     if args.verbose and last is not None:
         print("=" * 10)
         print(f"Prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.3f} tokens-per-sec")
         print(f"Generation: {last.generation_tokens} tokens, {last.generation_tps:.3f} tokens-per-sec")
         print(f"Peak memory: {last.peak_memory:.3f} GB")
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

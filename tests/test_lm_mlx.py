@@ -51,6 +51,27 @@ def test_prefill_then_decode_equals_full_forward(folders):
     assert np.abs(np.concatenate(stepped, 1) - full[:, 80:]).max() < 1e-5
 
 
+def test_compiled_decode_step_follows_weight_updates(folders):
+    """Decoding runs one compiled graph per token whose parameters are implicit inputs: new weights are used."""
+    import copy
+
+    _, root = folders
+    model, _ = load(root / "mlx")
+    tokens = mx.array(np.random.default_rng(2).integers(0, 258, (2, 11)))
+    cache = model.make_cache()
+    model(tokens[:, :10], cache=cache)
+    before = np.array(model(tokens[:, 10:], cache=copy.deepcopy(cache)))  # traces the compiled step
+    block = model.layers[0].recurrent
+    block.out_proj.weight = block.out_proj.weight * 1.5
+    block.cell.recurrent = block.cell.recurrent * 0.5
+    compiled = np.array(model(tokens[:, 10:], cache=copy.deepcopy(cache)))
+    eager_cache = copy.deepcopy(cache)
+    for c in eager_cache:  # padding metadata (no row padded) takes the uncompiled path
+        c.lengths = mx.array([1, 1])
+    eager = np.array(model(tokens[:, 10:], cache=eager_cache))
+    assert np.abs(compiled - eager).max() < 1e-5 < np.abs(compiled - before).max()
+
+
 def _torch_greedy(model, tokenizer, n):
     ids = model.generate_greedy(torch.tensor(tokenizer.encode(PROMPT)), n)
     eos = model.config.eos_token_id
@@ -138,6 +159,31 @@ def test_generate_rejects_bad_requests(folders, tmp_path, capsys):
     assert "--max-tokens must be at least 1" in capsys.readouterr().err
     assert generate_main(["--model", str(tmp_path / "nothing"), "--prompt", "x"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    for flag, value in (("--temp", "nan"), ("--temp", "inf"), ("--top-p", "nan")):
+        assert generate_main(["--model", str(root / "mlx"), "--prompt", "x", flag, value]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} must be") and err.count("\n") == 1
+    assert generate_main(["--model", str(root / "mlx"), "--prompt", "x", "--adapter-path", str(tmp_path)]) == 2
+    assert "has no adapter_config.json" in capsys.readouterr().err
+
+
+def test_generate_ctrl_c_stops_cleanly_with_the_stats_so_far(folders, capsys, monkeypatch):
+    import pararnn_mlx.generate as generate_module
+
+    _, root = folders
+    real_stream = generate_module.stream
+
+    def interrupted_after_three(*args, **kwargs):
+        for i, response in enumerate(real_stream(*args, **kwargs)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield response
+
+    monkeypatch.setattr(generate_module, "stream", interrupted_after_three)
+    assert generate_main(["--model", str(root / "mlx"), "--prompt", PROMPT, "--max-tokens", "50"]) == 130
+    captured = capsys.readouterr()
+    assert "Generation: 3 tokens" in captured.out and "[interrupted]" in captured.err
+    assert "Traceback" not in captured.err
 
 
 def test_user_tokenizer_is_carried_through_conversion(folders, tmp_path):
@@ -175,3 +221,49 @@ def test_from_apple_import_matches_the_layer(tmp_path, capsys):
     for name in ("weight", "bias", "recurrent"):
         assert torch.equal(weights[f"rnn.{name}"], getattr(reference, name).detach())
     assert convert_main(args) == 2  # exists, no --force
+
+
+USER_CELL_SOURCE = '''
+import os
+from pararnn_core.cell import Cell, Normal
+
+open(os.environ["PROBE_MARKER"], "w").write("imported")
+
+
+class ProbeCell(Cell):
+    name = "trust_probe"
+    gates = ("f", "c")
+    state = ("h",)
+    params = {"a": Normal(0.1)}
+
+    def step(self, ops, s, u, p):
+        f = ops.sigmoid(u.f)
+        return (f * s.h + (1 - f) * ops.tanh(p.a * s.h + u.c),)
+'''
+
+
+def test_user_cell_module_is_imported_only_with_trust_remote_code(tmp_path):
+    """pararnn-generate passes --trust-remote-code through to the config: without it nothing is imported."""
+    import importlib
+    import os
+
+    (tmp_path / "probe_cell_module.py").write_text(USER_CELL_SOURCE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.getcwd()]),
+           "PROBE_MARKER": str(tmp_path / "marker")}
+    sys.path.insert(0, str(tmp_path))
+    os.environ["PROBE_MARKER"] = str(tmp_path / "marker-here")
+    try:
+        module = importlib.import_module("probe_cell_module")
+        tiny_checkpoint(tmp_path / "ck", cell=module.ProbeCell)
+    finally:
+        sys.path.remove(str(tmp_path))
+        del os.environ["PROBE_MARKER"]
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["cell_module"] == "probe_cell_module"
+    command = [sys.executable, "-m", "pararnn_mlx.generate", "--model", str(tmp_path / "ck"), "--prompt", "x",
+               "--max-tokens", "3"]
+    refused = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert refused.returncode == 2 and "--trust-remote-code" in refused.stderr and "probe_cell_module" in refused.stderr
+    assert not (tmp_path / "marker").exists()
+    trusted = subprocess.run([*command, "--trust-remote-code"], capture_output=True, text=True, env=env, timeout=300)
+    assert trusted.returncode == 0, trusted.stderr
+    assert (tmp_path / "marker").read_text() == "imported"

@@ -25,7 +25,7 @@ import weakref
 
 import torch
 
-from pararnn_core.cell import Cell
+from pararnn_core.cell import Cell, get_cell
 from pararnn_core.codegen import BUILTIN_CELLS, CodegenError, NativeBuildError, cell_sources, definition_hash
 from pararnn_core.codegen.native import compiler, load_cpu_library
 from pararnn_core.codegen.sources import shipped_paths
@@ -42,6 +42,7 @@ _state_sizes: dict[str, int] = {}
 _keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _reasons: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _any_cell: dict = {}
+_named: dict[str, Cell] = {}
 # keys whose CPU kernels are registered, with the loaded library kept alive
 _cpu_libraries: dict[str, ctypes.CDLL] = {}
 _cuda_registered: set = set()
@@ -49,27 +50,38 @@ _cuda_registered: set = set()
 
 def _device_of(device) -> torch.device:
     device = torch.device(device if device is not None else "cpu")
-    if device.type == "cuda" and device.index is None:
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
-def fused_unavailable_reason(cell: Cell | None, device) -> str | None:
+def fused_unavailable_reason(cell: Cell | str | None, device) -> str | None:
     """None when ``mode='fused'`` runs ``cell`` (any cell when None) on ``device``; else why not and what to do.
 
     The first call per (cell, device) builds, loads and registers the cell's kernels (and on CUDA launches
     them once on a tiny problem); later calls are a dictionary lookup.
     """
     device = _device_of(device)
+    if isinstance(cell, str):
+        cell = _named_cell(cell)
     per_cell = _any_cell if cell is None else _reasons.setdefault(cell, {})
     if device not in per_cell:
         per_cell[device] = _first_check(cell, device)
     return per_cell[device]
 
 
+def _named_cell(name: str) -> Cell:
+    """One instance per cell name, so checks by name are cached like checks by instance."""
+    if name not in _named:
+        _named[name] = get_cell(name)
+    return _named[name]
+
+
 def _first_check(cell: Cell | None, device: torch.device) -> str | None:
     if device.type not in ("cpu", "cuda"):
         return f"the fused kernels run on CPU and CUDA devices, not {device.type}; {_WHAT_ELSE}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"no CUDA device is available to torch; {_WHAT_ELSE}"
     for op in OPS:
         missing = _ext.missing_reason(device, op)
         if missing is not None:
@@ -81,9 +93,11 @@ def _first_check(cell: Cell | None, device: torch.device) -> str | None:
             else:
                 _register_cpu(cell)
         else:
-            _register_cuda(cell if cell is not None else "gru", device)
+            _register_cuda(cell if cell is not None else _named_cell("gru"), device)
     except (CodegenError, NativeBuildError, RuntimeError, OSError) as exc:
         return f"{exc} ({_WHAT_ELSE})"
+    except Exception as exc:  # cuda-bindings / the driver raise their own types; any failure to load means no fused
+        return f"{type(exc).__name__}: {exc} ({_WHAT_ELSE})"
     return None
 
 
@@ -116,10 +130,7 @@ def _is_builtin(cell: Cell) -> bool:
     return cell.name in BUILTIN_CELLS and cell_sources(cell).paths == shipped_paths(cell.name)
 
 
-def _register_cuda(cell, device: torch.device):
-    from pararnn_core.cell import get_cell
-
-    cell = get_cell(cell)
+def _register_cuda(cell: Cell, device: torch.device):
     key = cell_key(cell)
     if (key, device) not in _cuda_registered:
         if _is_builtin(cell):

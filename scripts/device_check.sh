@@ -21,9 +21,12 @@ PY="${PYTHON:-python3}"
 OUT="${PARARNN_DEVICE_CHECK_OUT:-$ROOT/device_check_out}"
 start=$SECONDS
 
-gpu="$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "")' 2>/dev/null)"
+# one torch import: the GPU's name (empty without one), then the torch build
+probe="$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else ""); print("torch", torch.__version__, "CUDA build", torch.version.cuda)' 2>/dev/null)" \
+  || probe=$'\n'"torch not importable by $PY"
+gpu="$(head -n1 <<<"$probe")"
 if [ -z "$gpu" ]; then
-  echo "device_check: no CUDA GPU visible to torch here ($("$PY" -c 'import torch; print("torch", torch.__version__, "CUDA build", torch.version.cuda)' 2>/dev/null || echo "torch not importable by $PY")); nothing to check"
+  echo "device_check: no CUDA GPU visible to torch here ($(tail -n1 <<<"$probe")); nothing to check"
   exit 1
 fi
 mkdir -p "$OUT"

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -226,3 +231,17 @@ def test_newton_kernel_results_follow_the_failure_policy(on_failure):
     assert info.residual == pytest.approx(0.5) and not info.converged
     assert info.fell_back == (on_failure == "fallback")
     torch.testing.assert_close(traj, exact if on_failure == "fallback" else exact + 1)
+
+
+def test_device_check_without_gpu_says_so_in_one_line_and_fails(tmp_path):
+    """scripts/device_check.sh on a machine without a CUDA GPU (this one): one line, non-zero exit, no output dir."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the check would run for real")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "PARARNN_DEVICE_CHECK_OUT": str(tmp_path / "out")}
+    result = subprocess.run([str(root / "scripts" / "device_check.sh")], capture_output=True, text=True, env=env,
+                            timeout=120)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 1 and lines[0].startswith("device_check: no CUDA GPU"), lines
+    assert not (tmp_path / "out").exists()

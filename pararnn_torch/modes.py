@@ -38,7 +38,7 @@ def run_mode(mode: str, cell, u, recurrent, h0, resets, config, bias=None):
     add it inside their sweep, saving a pass over u forward and backward).
     """
     if mode == "fused":
-        return solve_fused(cell, u, recurrent, h0, resets, bias, config)
+        return solve_fused(cell, u, recurrent, h0, resets, bias)
     if bias is not None:
         u = u + bias
     if mode == "sequential":

@@ -24,7 +24,8 @@ Writing a new cell::
             f = ops.sigmoid(p.a_f * s.h + u.f)
             return (f * s.h + (1 - f) * ops.tanh(p.a_c * s.h + u.c),)
 
-Subclasses register themselves by ``name`` (see :func:`get_cell`).
+Subclasses that set their own ``name`` register themselves by it (see :func:`get_cell`);
+a name already taken by another class is an error.
 """
 
 from __future__ import annotations
@@ -101,9 +102,9 @@ class Timescales:
         for i in range(n):
             tau = math.exp(lo + (hi - lo) * (i / max(n - 1, 1)))
             rate = 1.0 / tau
-            kept = 1.0 - rate if self.kind == "retain" else rate
-            kept = min(max(kept, 1e-6), 1 - 1e-6)
-            out.append(math.log(kept / (1.0 - kept)))
+            gate = 1.0 - rate if self.kind == "retain" else rate  # the gate's value at zero input
+            gate = min(max(gate, 1e-6), 1 - 1e-6)
+            out.append(math.log(gate / (1.0 - gate)))
         return out
 
 
@@ -139,7 +140,15 @@ class Cell:
             raise TypeError(f"cell {cls.name!r}: gate_bias names unknown gates {sorted(unknown)}")
         if cls.output is not None and cls.output not in cls.state:
             raise TypeError(f"cell {cls.name!r}: output {cls.output!r} is not a state component")
-        Cell._registry[cls.name] = cls
+        if "name" not in cls.__dict__:
+            return  # a subclass that keeps its parent's name is a variant, not a new registered cell
+        taken = Cell._registry.get(cls.name)
+        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise TypeError(
+                f"cell name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}; give "
+                f"{cls.__module__}.{cls.__qualname__} a name of its own (class attribute `name`)"
+            )
+        Cell._registry[cls.name] = cls  # the same class defined again (a reloaded module) replaces itself
 
     # -- structure ---------------------------------------------------------
     @property
@@ -154,10 +163,6 @@ class Cell:
     @property
     def param_names(self) -> tuple[str, ...]:
         return tuple(self.params)
-
-    @property
-    def structure(self) -> str:
-        return "diagonal" if self.state_size == 1 else "block"
 
     @property
     def output_index(self) -> int:

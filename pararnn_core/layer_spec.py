@@ -19,8 +19,7 @@ from dataclasses import dataclass
 
 from pararnn_core.cell import Cell, Constant, Normal, Timescales, get_cell
 from pararnn_core.newton import NewtonConfig
-
-MODES = ("auto", "sequential", "parallel", "kernel", "fused")
+from pararnn_core.solvers import check_mode_name
 
 #: einsum of the input projection: x viewed [..., H, D/H] with weight [H, D/H, G, N/H]
 PROJECTION_EINSUM = "...hi,higj->...ghj"
@@ -162,7 +161,7 @@ class RecurrentLayerConfig:
 
     @mode.setter
     def mode(self, value):
-        check_mode(value, {})
+        check_mode_name(value)
         self._mode = value
 
     #: the cell of a fixed-cell layer (ParaGRU, ParaLSTM), whose constructor takes no cell argument
@@ -179,6 +178,11 @@ class RecurrentLayerConfig:
         """Build a layer from Apple ml-pararnn cell tensors: ``A`` [3, N], ``B`` [H, D/H, 3, N/H],
         ``b`` [3, N], and for the LSTM the peepholes ``C`` [2, N] (see :func:`from_apple_tensors`).
         ``cell`` ("gru" or "lstm") is needed only on the generic ParaRNN."""
+        if cls.fixed_cell is not None and cell is not None and cell != cls.fixed_cell:
+            raise ValueError(
+                f"{cls.__name__}.from_apple_state_dict builds a {cls.fixed_cell!r} layer, but cell={cell!r} was "
+                f"given; use ParaRNN.from_apple_state_dict(sd, cell={cell!r}) or drop the cell argument"
+            )
         cell = cls.fixed_cell or cell
         if cell is None:
             raise ValueError("ParaRNN.from_apple_state_dict needs cell='gru' or cell='lstm'")
@@ -189,27 +193,6 @@ class RecurrentLayerConfig:
             f"cell={self.cell.name}, input_size={self.input_size}, hidden_size={self.hidden_size}, "
             f"num_heads={self.num_heads}, mode={self.mode!r}"
         )
-
-
-#: ``auto`` takes the first mode of this list that runs on the input's device
-AUTO_ORDER = ("fused", "kernel", "parallel")
-
-
-def pick_mode(mode, unavailable: dict[str, str]) -> str:
-    """The mode to run: ``mode`` itself after validation, or for ``auto`` the first available of AUTO_ORDER."""
-    check_mode(mode, unavailable)
-    if mode == "auto":
-        return next(m for m in AUTO_ORDER if m not in unavailable)
-    return mode
-
-
-def check_mode(mode, unavailable: dict[str, str]) -> str:
-    """Validate a mode name; ``unavailable`` maps modes that cannot run here to the reason."""
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    if mode in unavailable:
-        raise ValueError(f"mode {mode!r} is not available: {unavailable[mode]}")
-    return mode
 
 
 # ----------------------------------------------------------------------------

@@ -9,12 +9,12 @@ arrays [B, N] (or None for zeros), resets a bool array [B, T] (or None).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pararnn_core.cell import Cell, Fields
 from pararnn_core.scan import block_scan, transpose_block
+from pararnn_core.user_warnings import warn_at_caller
 
 
 class NewtonConvergenceWarning(RuntimeWarning):
@@ -48,6 +48,13 @@ class NewtonConfig:
         solve; "warn" warns and keeps the Newton result; "raise" raises
         :class:`NewtonConvergenceError`.
     chunk: time steps per chunk of the framework scan (None: about sqrt(T)).
+
+    Which modes act on which field (a non-default field a mode would ignore is
+    an error when that mode is asked for by name, a warning under ``auto``):
+    ``parallel`` honours all; ``kernel`` all but ``chunk`` (the native scan
+    has its own tiling); fused GPU kernels (CUDA, Metal) ``max_its``, ``tol``,
+    ``damping`` and ``on_failure``. ``sequential`` and the fused CPU sweep
+    solve the recurrence exactly, so no setting applies to them.
     """
 
     max_its: int = 12
@@ -57,7 +64,7 @@ class NewtonConfig:
     chunk: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_its, int) or self.max_its < 1:
+        if not isinstance(self.max_its, int) or isinstance(self.max_its, bool) or self.max_its < 1:
             raise ValueError(f"NewtonConfig.max_its must be a positive int, got {self.max_its!r}")
         if self.tol is not None and not (self.tol > 0):
             raise ValueError(f"NewtonConfig.tol must be positive or None, got {self.tol!r}")
@@ -65,6 +72,9 @@ class NewtonConfig:
             raise ValueError(f"NewtonConfig.damping must be in (0, 1], got {self.damping!r}")
         if self.on_failure not in _ON_FAILURE:
             raise ValueError(f"NewtonConfig.on_failure must be one of {_ON_FAILURE}, got {self.on_failure!r}")
+        if self.chunk is not None and (not isinstance(self.chunk, int) or isinstance(self.chunk, bool)
+                                       or self.chunk < 1):
+            raise ValueError(f"NewtonConfig.chunk must be a positive int or None, got {self.chunk!r}")
 
     def tolerance(self, itemsize: int) -> float:
         if self.tol is not None:
@@ -83,14 +93,22 @@ class ScanPair:
 
 @dataclass
 class SolveInfo:
-    """Diagnostics of the last solve (exposed as ``layer.last_solve``)."""
+    """Diagnostics of the last solve (exposed as ``layer.last_solve``).
+
+    ``iterations`` and ``residual`` (max abs ``h_t - f(h_{t-1}, u_t)`` at the end)
+    are None where the mode computes none: the exact modes (``sequential``, the
+    fused CPU sweep) and the fused Metal kernel inside a compiled graph, which
+    cannot read its iteration counts back (``converged`` None there).
+    ``exact`` marks solves that are exact by construction.
+    """
 
     mode: str
-    iterations: int = 0
-    residual: float = 0.0
-    converged: bool = True
+    iterations: int | None = None
+    residual: float | None = None
+    converged: bool | None = True
     fell_back: bool = False
     residuals: list[float] = field(default_factory=list)
+    exact: bool = False
 
 
 # ----------------------------------------------------------------------------
@@ -180,12 +198,8 @@ def newton_solve(cell: Cell, ops, gates, params, h0, resets, config: NewtonConfi
     scan = scan or (lambda A, b: block_scan(ops, A, b, chunk=config.chunk))
     tol = config.tolerance(ops.itemsize(gates[0]))
     info = SolveInfo(mode="parallel")
-    if h0 is not None:
-        start = [ops.expand_dims(s, 1) for s in h0]
-    else:
-        start = [ops.zeros_like(gates[0][:, :1])] * cell.state_size
     f = step_fn(cell, ops)
-    traj = list(f(start, gates, params))  # the guess h_t = f(h_0, u_t)
+    traj = _initial_guess(cell, ops, gates, params, h0)
     mask = chain_mask(ops, resets, gates[0]) if resets is not None else None
     expect_converged = False
     for it in range(config.max_its + 1):
@@ -209,19 +223,32 @@ def newton_solve(cell: Cell, ops, gates, params, h0, resets, config: NewtonConfi
         if jac is None:
             _, jac = step_and_jacobian(cell, ops, prev, gates, params)
         expect_converged = _newton_predicts_convergence(info.residuals, tol)
-        # The Newton step h'_t = f_t + J_t (h'_{t-1} - h_{t-1}) as an update delta = h' - h:
-        # delta_t = J_t delta_{t-1} + (f_t - h_t). Where h_{t-1} is the given h_0 (t = 1 and
-        # resets) its delta is 0; at t = 1 the scan's zero start gives that, resets need J_t = 0.
-        if resets is not None:
-            jac = [[a * mask for a in row] for row in jac]
-        delta = scan(jac, diff)
-        traj = [h + (d if config.damping == 1.0 else config.damping * d) for h, d in zip(traj, delta)]
+        traj = _newton_update(traj, jac, diff, mask, scan, config.damping)
     if not info.converged:
-        _report_failure(cell, ops, info, config, tol)
+        report_nonconvergence(cell, info, config, tol)
         if config.on_failure == "fallback":
             traj = ops.unstack(sequential_solve(cell, ops, gates, params, h0, resets), 2)
             info.fell_back = True
     return traj, info
+
+
+def _initial_guess(cell, ops, gates, params, h0):
+    """h_t = f(h_0, u_t) for every t (zeros for h_0 when None)."""
+    if h0 is not None:
+        start = [ops.expand_dims(s, 1) for s in h0]
+    else:
+        start = [ops.zeros_like(gates[0][:, :1])] * cell.state_size
+    return list(step_fn(cell, ops)(start, gates, params))
+
+
+def _newton_update(traj, jac, diff, mask, scan, damping):
+    """The Newton step h'_t = f_t + J_t (h'_{t-1} - h_{t-1}) as an update delta = h' - h:
+    delta_t = J_t delta_{t-1} + (f_t - h_t). Where h_{t-1} is the given h_0 (t = 1 and
+    resets) its delta is 0; at t = 1 the scan's zero start gives that, resets need J_t = 0."""
+    if mask is not None:
+        jac = [[a * mask for a in row] for row in jac]
+    delta = scan(jac, diff)
+    return [h + (d if damping == 1.0 else damping * d) for h, d in zip(traj, delta)]
 
 
 def _newton_predicts_convergence(residuals, tol) -> bool:
@@ -234,7 +261,9 @@ def _newton_predicts_convergence(residuals, tol) -> bool:
     return r < residuals[-2] and rate * r * r <= 0.1 * tol
 
 
-def _report_failure(cell, ops, info, config, tol):
+def report_nonconvergence(cell, info, config, tol):
+    """The failure policy of every Newton mode: raise, or warn at the user's line (the caller falls back
+    to the sequential solve when ``config.on_failure == "fallback"``)."""
     msg = (
         f"Newton solve of cell {cell.name!r} did not reach tol={tol:g} in {config.max_its} iterations "
         f"(residual {info.residual:.3g}). Raise NewtonConfig.max_its, loosen tol, or use mode='sequential'."
@@ -242,7 +271,7 @@ def _report_failure(cell, ops, info, config, tol):
     if config.on_failure == "raise":
         raise NewtonConvergenceError(msg)
     suffix = " Falling back to the sequential solve." if config.on_failure == "fallback" else ""
-    warnings.warn(msg + suffix, NewtonConvergenceWarning, stacklevel=4)
+    warn_at_caller(msg + suffix, NewtonConvergenceWarning)
 
 
 # ----------------------------------------------------------------------------

@@ -63,12 +63,6 @@ class ArrayOps:
         """Append n zero steps along axis 1."""
         raise NotImplementedError
 
-    def matmul(self, a, b):
-        raise NotImplementedError
-
-    def matvec(self, a, v):
-        return self.matmul(a, self.expand_dims(v, -1))[..., 0]
-
     def max_abs(self, x) -> float:
         raise NotImplementedError
 
@@ -133,9 +127,6 @@ class NumpyOps(ArrayOps):
         widths = [(0, 0)] * x.ndim
         widths[1] = (0, n)
         return np.pad(x, widths)
-
-    def matmul(self, a, b):
-        return np.matmul(a, b)
 
     def max_abs(self, x) -> float:
         return float(np.max(np.abs(x))) if x.size else 0.0

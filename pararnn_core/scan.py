@@ -1,11 +1,9 @@
 """Chunked linear scans in framework ops (the ``parallel`` mode's linear solver).
 
 Solves ``h_t = A_t h_{t-1} + b_t`` (or, with ``reverse=True``,
-``h_t = A_t h_{t+1} + b_t``) from a zero start, for
-
-* block-diagonal A: ``A[i][j]`` are arrays [B, T, N] (K x K blocks, one per
-  channel; K = 1 is the diagonal case), ``b[i]`` arrays [B, T, N];
-* dense A: one array [B, T, N, N], b [B, T, N].
+``h_t = A_t h_{t+1} + b_t``) from a zero start, for block-diagonal A:
+``A[i][j]`` are arrays [B, T, N] (K x K blocks, one per channel; K = 1 is the
+diagonal case), ``b[i]`` arrays [B, T, N].
 
 Initial values are folded into ``b`` by the caller (``b_1 += A_1 h_0``).
 
@@ -56,34 +54,6 @@ class _Block:
 
     def length(self, b):
         return b[0].shape[1]
-
-
-class _Dense:
-    """Dense elements: A [..., N, N] matrices, h [..., N] vectors."""
-
-    def __init__(self, ops):
-        self.ops = ops
-
-    def apply(self, a, h):
-        return self.ops.matvec(a, h)
-
-    def compose(self, a, p):
-        return self.ops.matmul(a, p)
-
-    def add(self, h, b):
-        return h + b
-
-    def take(self, x, idx, is_matrix):
-        return x[idx]
-
-    def map(self, fn, x, is_matrix):
-        return fn(x)
-
-    def stack(self, ops, items, axis, is_matrix):
-        return ops.stack(items, axis)
-
-    def length(self, b):
-        return b.shape[1]
 
 
 def sum_terms(terms):
@@ -156,11 +126,6 @@ def _scan(ops, alg, A, b, reverse: bool, chunk: int | None):
 def block_scan(ops, A, b, reverse: bool = False, chunk: int | None = None):
     """Scan with K x K block-diagonal A (nested lists of [B, T, N]); returns a list of K arrays."""
     return _scan(ops, _Block(len(b)), A, b, reverse, chunk)
-
-
-def dense_scan(ops, A, b, reverse: bool = False, chunk: int | None = None):
-    """Scan with dense A [B, T, N, N]; returns h [B, T, N]."""
-    return _scan(ops, _Dense(ops), A, b, reverse, chunk)
 
 
 def transpose_block(A):

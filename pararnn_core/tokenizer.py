@@ -17,7 +17,6 @@ TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
-BYTE_VOCAB_SIZE = 256 + 2
 
 
 @lru_cache(maxsize=1)

@@ -21,8 +21,9 @@ from pararnn_core.cell import Cell
 from pararnn_core.codegen import CodegenError, NativeBuildError, definition_hash, load_cpu_library
 from pararnn_core.codegen.native import compiler
 from pararnn_core.codegen.sources import metal_kernel_sources
-from pararnn_core.newton import NewtonConfig, SolveInfo
+from pararnn_core.newton import NewtonConfig, SolveInfo, report_nonconvergence
 from pararnn_mlx.ops import from_numpy
+from pararnn_mlx.solver import refuse_second_order
 
 _libraries: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -56,37 +57,38 @@ def _host(x):
     return None if x is None else np.asarray(x)
 
 
-def solve_fused(cell: Cell, u, recurrent, h0, resets, config: NewtonConfig | None = None):
-    """Trajectory [B, T, K, N] with the fused kernels of the default device; differentiable in u, recurrent, h0."""
-    reason = fused_unavailable_reason(cell)
-    if reason is not None:
-        raise RuntimeError(f"mode='fused' cannot run cell {cell.name!r}: {reason}")
+def solve_fused(cell: Cell, u, recurrent, h0, resets, config: NewtonConfig | None = None, bias=None,
+                traced: bool = False):
+    """Trajectory [B, T, K, N] over gates ``u + bias`` with the fused kernels of the default device;
+    differentiable in u, recurrent, bias and h0 (the kernels add the bias inside their sweep)."""
+    if bias is None:
+        bias = mx.zeros((u.shape[2], u.shape[3]), u.dtype)
     if mx.default_device().type == mx.cpu:
-        return _solve_cpu(cell, u, recurrent, h0, resets)
-    return _solve_metal(cell, u, recurrent, h0, resets, config or NewtonConfig())
+        return _solve_cpu(cell, u, recurrent, bias, h0, resets)
+    return _solve_metal(cell, u, recurrent, bias, h0, resets, config or NewtonConfig(), traced)
 
 
-def _solve_cpu(cell, u, recurrent, h0, resets):
+def _solve_cpu(cell, u, recurrent, bias, h0, resets):
     lib = _library_for(cell)
     host_resets = _host(resets)
 
     @mx.custom_function
-    def solve(u, recurrent, *initial):
+    def solve(u, recurrent, bias, *initial):
         h0 = _host(initial[0]) if initial else None
-        return from_numpy(lib.sweep(_host(u), _host(recurrent), None, h0, host_resets))
+        return from_numpy(lib.sweep(_host(u), _host(recurrent), _host(bias), h0, host_resets))
 
     @solve.vjp
     def solve_vjp(primals, grad_out, out):
-        u, recurrent, *initial = primals
+        u, recurrent, bias, *initial = primals
         h0 = _host(initial[0]) if initial else None
-        d_u, d_rec, _, d_h0 = lib.adjoint_sweep(
-            _host(u), _host(recurrent), None, h0, host_resets, _host(out), _host(grad_out)
+        d_u, d_rec, d_bias, d_h0 = lib.adjoint_sweep(
+            _host(u), _host(recurrent), _host(bias), h0, host_resets, _host(out), _host(grad_out)
         )
-        grads = (from_numpy(d_u), from_numpy(d_rec))
+        grads = refuse_second_order("fused", (from_numpy(d_u), from_numpy(d_rec), from_numpy(d_bias)), primals)
         return grads + ((from_numpy(d_h0),) if initial else ())
 
-    out = solve(u, recurrent, *(() if h0 is None else (h0,)))
-    return out, SolveInfo(mode="fused")
+    out = solve(u, recurrent, bias, *(() if h0 is None else (h0,)))
+    return out, SolveInfo(mode="fused", exact=True)
 
 
 #: threads per threadgroup and steps per thread of the Metal kernels (tiles of 512 steps)
@@ -113,30 +115,27 @@ def _metal_kernels(cell_key: str, header: str, forward_body: str, adjoint_body: 
     return forward, adjoint
 
 
-def _solve_metal(cell, u, recurrent, h0, resets, config):
+def _solve_metal(cell, u, recurrent, bias, h0, resets, config, traced):
     batch, steps, gates, channels = u.shape
     k = cell.state_size
     forward, adjoint = _metal_kernels(f"{cell.name}_{definition_hash(cell)}", *metal_kernel_sources(cell))
     params_rows = recurrent.shape[0]
     template = [("THREADS", METAL_THREADS), ("CHUNK", METAL_CHUNK)]
-    flags = [0, int(h0 is not None), int(resets is not None)]  # has_bias (added by the layer), has_h0, has_resets
-    fixed_inputs = [
-        mx.zeros((gates, channels), mx.float32),
-        resets if resets is not None else mx.zeros((batch, steps), mx.bool_),
-    ]
+    flags = [1, int(h0 is not None), int(resets is not None)]  # has_bias, has_h0, has_resets
+    resets_in = resets if resets is not None else mx.zeros((batch, steps), mx.bool_)
     infos = []
 
-    def common(u, recurrent, h0_in):
+    def common(u, recurrent, bias, h0_in):
         params = recurrent.astype(mx.float32) if params_rows else mx.zeros((1, channels), mx.float32)
         h0_arr = h0_in.astype(mx.float32) if h0_in is not None else mx.zeros((batch, k, channels), mx.float32)
-        return [u.astype(mx.float32), params, fixed_inputs[0], h0_arr, fixed_inputs[1]]
+        return [u.astype(mx.float32), params, bias.astype(mx.float32), h0_arr, resets_in]
 
     @mx.custom_function
-    def solve(u, recurrent, *initial):
+    def solve(u, recurrent, bias, *initial):
         dims = mx.array([batch, steps, channels, config.max_its, *flags], mx.int32)
         tol = mx.array([config.tolerance(4)], mx.float32)
         traj, iterations = forward(
-            inputs=[*common(u, recurrent, initial[0] if initial else None), dims, tol],
+            inputs=[*common(u, recurrent, bias, initial[0] if initial else None), dims, tol],
             template=template,
             grid=(METAL_THREADS * batch * channels, 1, 1),
             threadgroup=(METAL_THREADS, 1, 1),
@@ -148,10 +147,10 @@ def _solve_metal(cell, u, recurrent, h0, resets, config):
 
     @solve.vjp
     def solve_vjp(primals, grad_out, out):
-        u, recurrent, *initial = primals
+        u, recurrent, bias, *initial = primals
         dims = mx.array([batch, steps, channels, *flags], mx.int32)
-        d_u, d_params, _, d_h0 = adjoint(
-            inputs=[*common(u, recurrent, initial[0] if initial else None), out.astype(mx.float32),
+        d_u, d_params, d_bias, d_h0 = adjoint(
+            inputs=[*common(u, recurrent, bias, initial[0] if initial else None), out.astype(mx.float32),
                     grad_out.astype(mx.float32), dims],
             template=template,
             grid=(METAL_THREADS * channels, 1, 1),
@@ -160,13 +159,16 @@ def _solve_metal(cell, u, recurrent, h0, resets, config):
                            (batch, k, channels)],
             output_dtypes=[mx.float32] * 4,
         )  # fmt: skip
-        grads = (d_u.astype(u.dtype), d_params[:params_rows].astype(recurrent.dtype))
+        grads = (d_u.astype(u.dtype), d_params[:params_rows].astype(recurrent.dtype), d_bias.astype(bias.dtype))
+        grads = refuse_second_order("fused", grads, primals)
         return grads + ((d_h0.astype(initial[0].dtype),) if initial else ())
 
-    out = solve(u, recurrent, *(() if h0 is None else (h0,)))
-    info = SolveInfo(mode="fused")
-    if infos:
-        worst = int(mx.min(infos[-1]).item())
-        info.fell_back = worst < 0
-        info.iterations = int(mx.max(infos[-1]).item()) if worst >= 0 else -1
+    out = solve(u, recurrent, bias, *(() if h0 is None else (h0,)))
+    if traced:  # the per-sequence iteration counts cannot be read inside a compiled graph
+        return out, SolveInfo(mode="fused", iterations=config.max_its, residual=None, converged=None)
+    # a sequence that did not converge reports -1: the kernel recomputed it with the sequential sweep
+    worst, most = (int(v.item()) for v in (mx.min(infos[-1]), mx.max(infos[-1])))
+    info = SolveInfo(mode="fused", iterations=most, residual=None, converged=worst >= 0, fell_back=worst < 0)
+    if worst < 0:
+        report_nonconvergence(cell, info, config, config.tolerance(4))
     return out, info

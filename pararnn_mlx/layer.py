@@ -12,9 +12,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from pararnn_core.cell import Cell
-from pararnn_core.layer_spec import PROJECTION_EINSUM, RecurrentLayerConfig, from_apple_tensors
+from pararnn_core.layer_spec import PROJECTION_EINSUM, from_apple_tensors
 from pararnn_core.newton import NewtonConfig, step_fn
-from pararnn_mlx.modes import resolve_mode, run_mode
+from pararnn_core.pipeline import ArrayBackend, RecurrentLayer
+from pararnn_mlx.modes import TABLE, device_key, resolve_mode
 from pararnn_mlx.ops import from_numpy, ops
 
 _LOW_PRECISION = (mx.float16, mx.bfloat16)
@@ -24,6 +25,54 @@ _LOW_PRECISION = (mx.float16, mx.bfloat16)
 def _compiled_step(cell: Cell):
     """One token of the cell as a single compiled graph (generation calls it once per token)."""
     return mx.compile(step_fn(cell, ops))
+
+
+class MlxBackend(ArrayBackend):
+    name = "mlx"
+    array_type = mx.array
+    array_name = "mlx.core.array"
+    table = TABLE
+    ops = ops
+    # reading a value back per token and layer would stall MLX's lazy decode pipeline
+    step_checks_finite = False
+
+    def is_floating(self, x):
+        return mx.issubdtype(x.dtype, mx.floating)
+
+    def is_bool(self, x):
+        return x.dtype == mx.bool_
+
+    def device_key(self, x):
+        return device_key()
+
+    def traced(self, x):
+        # inside mx.compile (or vmap) an array cannot be evaluated; outside, x is needed anyway
+        try:
+            mx.eval(x)
+        except ValueError:
+            return True
+        return False
+
+    def all_finite(self, x):
+        return bool(mx.all(mx.isfinite(x)).item())
+
+    def compute_dtype(self, dtype):
+        return mx.float32 if dtype in _LOW_PRECISION else dtype
+
+    def cast(self, x, dtype):
+        return x.astype(dtype)
+
+    def stack(self, parts, axis):
+        return mx.stack(list(parts), axis)
+
+    def unstack(self, x, axis):
+        return [mx.squeeze(part, axis) for part in mx.split(x, x.shape[axis], axis=axis)]
+
+    def zeros(self, shape, like, dtype):
+        return mx.zeros(shape, dtype=dtype)
+
+    def step_function(self, cell):
+        return _compiled_step(cell)
 
 
 def _init_rows(rows, size, dtype):
@@ -36,7 +85,7 @@ def _init_rows(rows, size, dtype):
     return mx.stack(out, 0).astype(dtype) if out else mx.zeros((0, size), dtype=dtype)
 
 
-class ParaRNN(RecurrentLayerConfig, nn.Module):
+class ParaRNN(RecurrentLayer, nn.Module):
     """A recurrent layer over any cell, trained in parallel along the sequence.
 
     ``layer(x)`` maps x [B, T, input_size] to y [B, T, hidden_size]; with
@@ -47,9 +96,14 @@ class ParaRNN(RecurrentLayerConfig, nn.Module):
 
     After every call, ``last_solve`` holds the solve's diagnostics (mode,
     Newton iterations, final residual, whether it converged or fell back).
-    The parallel solve reads its residual to stop early, so it cannot run
-    inside ``mx.compile``; ``step`` can.
+    Inside ``mx.compile`` (e.g. mlx-lm's compiled training step) nothing is
+    read back: ``auto`` picks a mode that runs in the graph (the fused Metal
+    kernel on a Mac, the exact ``sequential`` loop on the CPU), the checks that
+    need values are skipped, and ``last_solve`` has no iteration counts;
+    ``step`` never reads values back.
     """
+
+    backend = MlxBackend()
 
     def __init__(
         self,
@@ -86,27 +140,12 @@ class ParaRNN(RecurrentLayerConfig, nn.Module):
         self.recurrent = _init_rows(plan["recurrent"], self.hidden_size, dtype)
 
     # -- pieces ----------------------------------------------------------------
-    def project(self, x: mx.array) -> mx.array:
-        """Gates u = W x + b for every position: x [..., D] -> u [..., G, N]."""
+    def project(self, x: mx.array, add_bias: bool = True) -> mx.array:
+        """Gates u = W x + b for every position: x [..., D] -> u [..., G, N] (without b if not add_bias)."""
         xh = x.reshape(*x.shape[:-1], self.num_heads, self.spec.head_input)
         u = mx.einsum(PROJECTION_EINSUM, xh, self.weight.astype(x.dtype))
         u = u.reshape(*u.shape[:-2], self.hidden_size)
-        return u + self.bias.astype(u.dtype)
-
-    @staticmethod
-    def _compute_dtype(dtype):
-        return mx.float32 if dtype in _LOW_PRECISION else dtype
-
-    def _state_to_array(self, state, batch, dtype):
-        if state is None:
-            return None
-        parts = (state,) if isinstance(state, mx.array) else tuple(state)
-        self.spec.check_state([tuple(p.shape) for p in parts], batch)
-        return mx.stack([p.astype(dtype) for p in parts], 1)
-
-    def _array_to_state(self, stacked, dtype):
-        parts = tuple(stacked[:, k].astype(dtype) for k in range(stacked.shape[1]))
-        return parts[0] if len(parts) == 1 else parts
+        return u + self.bias.astype(u.dtype) if add_bias else u
 
     def resolved_mode(self, device=None) -> str:
         """The mode ``auto`` picks (or the set mode) on ``device`` (default: MLX's default device)."""
@@ -114,52 +153,14 @@ class ParaRNN(RecurrentLayerConfig, nn.Module):
 
     # -- forward ------------------------------------------------------------------
     def __call__(self, x: mx.array, state=None, resets: mx.array | None = None, return_state: bool = False):
-        if not isinstance(x, mx.array):
-            raise TypeError(f"x must be an mlx.core.array, got {type(x).__name__}")
-        self.spec.check_input(tuple(x.shape))
-        if not mx.issubdtype(x.dtype, mx.floating):
-            raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
-        if not mx.all(mx.isfinite(x)).item():
-            raise ValueError("x contains NaN or inf; the recurrence would spread them to every later step")
-        batch, length = x.shape[:2]
-        if resets is not None:
-            if not isinstance(resets, mx.array):
-                raise TypeError(f"resets must be an mlx.core.array, got {type(resets).__name__}")
-            self.spec.check_resets(tuple(resets.shape), batch, length, resets.dtype == mx.bool_)
-        mode = self.resolved_mode()
-        u = self.project(x)
-        compute = self._compute_dtype(u.dtype)
-        h0 = self._state_to_array(state, batch, compute)
-        traj, info = run_mode(mode, self.cell, u.astype(compute), self.recurrent.astype(compute), h0, resets,
-                              self.newton)
-        self.last_solve = info
-        y = traj[:, :, self.cell.output_index].astype(u.dtype)
-        if not return_state:
-            return y
-        return y, self._array_to_state(traj[:, -1], u.dtype)
+        return self._forward(x, state, resets, return_state)
 
     def step(self, x_t: mx.array, state=None):
         """One token for every sequence of the batch: x_t [B, D] -> (y_t [B, N], new state).
 
         No evaluation happens here, so ``step`` may sit inside an ``mx.compile``d decode step.
         """
-        self.spec.check_step_input(tuple(x_t.shape))
-        batch = x_t.shape[0]
-        u = self.project(x_t)
-        out_dtype = u.dtype
-        compute = self._compute_dtype(out_dtype)
-        h = self._state_to_array(state, batch, compute)
-        if h is None:
-            h = mx.zeros((batch, self.cell.state_size, self.hidden_size), dtype=compute)
-        u = u.astype(compute)
-        recurrent = self.recurrent.astype(compute)
-        new = _compiled_step(self.cell)(
-            [h[:, k] for k in range(h.shape[1])],
-            [u[:, g] for g in range(u.shape[1])],
-            [recurrent[p] for p in range(recurrent.shape[0])],
-        )
-        new = mx.stack(list(new), 1)
-        return new[:, self.cell.output_index].astype(out_dtype), self._array_to_state(new, out_dtype)
+        return self._step(x_t, state)
 
     # -- Apple checkpoints ------------------------------------------------------------
     @classmethod

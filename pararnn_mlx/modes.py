@@ -1,47 +1,77 @@
-"""Which solver modes run on which MLX device, and how ``auto`` chooses.
+"""The solver table of MLX: each mode's availability check and solve (see pararnn_core.solvers).
 
-Native modes register here: add the mode's reason-to-be-unavailable logic to
-:func:`unavailable_modes` and its solve to :func:`run_mode`.
+MLX arrays carry no device; a solve runs on MLX's default device, named here
+"cpu" or "gpu" (the key the table caches by).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from pararnn_core.layer_spec import pick_mode
 from pararnn_core.newton import ScanPair
+from pararnn_core.solvers import NEWTON_FIELDS, SolverEntry, SolverTable
 from pararnn_mlx import metal_scan
 from pararnn_mlx.fused import fused_unavailable_reason, solve_fused
 from pararnn_mlx.solver import solve_newton, solve_sequential
+
+ALL_SETTINGS = frozenset(NEWTON_FIELDS)
+
+
+def device_key(device=None) -> str:
+    """"cpu" or "gpu" for ``device`` (default: MLX's default device)."""
+    device = device or mx.default_device()
+    return "cpu" if device.type == mx.cpu else "gpu"
+
+
+def _device(key: str) -> mx.Device:
+    return mx.Device(mx.cpu if key == "cpu" else mx.gpu)
+
+
+def _sequential(cell, u, recurrent, bias, h0, resets, config, traced):
+    return solve_sequential(cell, u + bias, recurrent, h0, resets)
+
+
+def _parallel(cell, u, recurrent, bias, h0, resets, config, traced):
+    return solve_newton(cell, u + bias, recurrent, h0, resets, config, ScanPair(), "parallel")
+
+
+def _kernel(cell, u, recurrent, bias, h0, resets, config, traced):
+    return solve_newton(cell, u + bias, recurrent, h0, resets, config, metal_scan.native_scan_pair(), "kernel")
+
+
+def _fused(cell, u, recurrent, bias, h0, resets, config, traced):
+    return solve_fused(cell, u, recurrent, h0, resets, config, bias, traced)
+
+
+def _always(cell, key):
+    return None
+
+
+TABLE = SolverTable(
+    "pararnn_mlx",
+    [
+        SolverEntry("sequential", _sequential, _always, exact=True),
+        # Newton in framework ops reads its residual to stop: not inside mx.compile (auto then takes sequential)
+        SolverEntry("parallel", _parallel, _always, honours=ALL_SETTINGS, traceable=False),
+        SolverEntry("kernel", _kernel, lambda cell, key: metal_scan.unavailable_reason(_device(key)),
+                    honours=ALL_SETTINGS - {"chunk"}, traceable=False),
+        # CPU: the exact sweep of the shared C++ library, through host memory (not inside mx.compile)
+        SolverEntry("fused", _fused, lambda cell, key: fused_unavailable_reason(cell, _device(key)), exact=True,
+                    traceable=False, device_types=("cpu",)),
+        # Metal: the whole Newton solve in one kernel
+        SolverEntry("fused", _fused, lambda cell, key: fused_unavailable_reason(cell, _device(key)),
+                    honours=frozenset({"max_its", "tol"}), device_types=("gpu",)),
+    ],
+    device_type=lambda key: key,
+)
 
 
 def unavailable_modes(device=None, cell=None) -> dict[str, str]:
     """Modes that cannot run on ``device`` (default: MLX's default device) for ``cell`` (when given),
     with the reason and what to do."""
-    missing = {}
-    fused = fused_unavailable_reason(cell, device)
-    if fused is not None:
-        missing["fused"] = fused
-    kernel = metal_scan.unavailable_reason(device)
-    if kernel is not None:
-        missing["kernel"] = kernel
-    return missing
+    return TABLE.unavailable_modes(device_key(device), cell)
 
 
 def resolve_mode(mode: str, device=None, cell=None) -> str:
-    device = device or mx.default_device()
-    return pick_mode(mode, unavailable_modes(device, cell))
-
-
-def run_mode(mode: str, cell, u, recurrent, h0, resets, config):
-    """Solve with a resolved mode; returns (trajectory [B, T, K, N], SolveInfo)."""
-    if mode == "sequential":
-        return solve_sequential(cell, u, recurrent, h0, resets, config)
-    if mode == "parallel":
-        return solve_newton(cell, u, recurrent, h0, resets, config, ScanPair(), mode)
-    if mode == "fused":
-        return solve_fused(cell, u, recurrent, h0, resets, config)
-    if mode == "kernel" and metal_scan.unavailable_reason() is None:
-        return solve_newton(cell, u, recurrent, h0, resets, config, metal_scan.native_scan_pair(), mode)
-    reason = unavailable_modes(mx.default_device(), cell).get(mode, "unknown mode")
-    raise ValueError(f"mode {mode!r} cannot run here: {reason}")
+    """The mode that runs for ``mode`` (``auto``: the first available of AUTO_ORDER) on ``device``."""
+    return TABLE.choose(mode, cell, device_key(device)).mode

@@ -19,7 +19,6 @@ class MLXOps(ArrayOps):
     zeros_like = staticmethod(mx.zeros_like)
     ones_like = staticmethod(mx.ones_like)
     where = staticmethod(mx.where)
-    matmul = staticmethod(mx.matmul)
 
     def stack(self, xs, axis):
         return mx.stack(xs, axis)

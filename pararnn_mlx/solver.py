@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 
 from pararnn_core.newton import ScanPair, SolveInfo, adjoint, newton_solve, sequential_solve
+from pararnn_core.pipeline import HIGHER_ORDER_MESSAGE
 from pararnn_core.scan import block_scan
 from pararnn_mlx.ops import ops
 
@@ -58,7 +59,11 @@ def _components(traj):
 
 
 def solve_newton(cell, u, recurrent, h0, resets, config, scans: ScanPair, mode: str):
-    """Newton forward, adjoint backward; gradients flow to u, recurrent and h0 (when given)."""
+    """Newton forward, adjoint backward; gradients flow to u, recurrent and h0 (when given).
+
+    Not for compiled graphs: Newton stops on its residual (a host read), and MLX
+    (0.32) fails to compile a custom vjp that itself calls ``mx.vjp``.
+    """
     forward_scan = scans.forward or framework_scan(False, config.chunk)
     reverse_scan = scans.reverse or framework_scan(True, config.chunk)
     infos: list[SolveInfo] = []
@@ -92,6 +97,21 @@ def solve_newton(cell, u, recurrent, h0, resets, config, scans: ScanPair, mode: 
     return out, info
 
 
-def solve_sequential(cell, u, recurrent, h0, resets, config):
+def solve_sequential(cell, u, recurrent, h0, resets):
     gates, params, h0_list = _unpack(u, recurrent, h0)
-    return sequential_solve(cell, ops, gates, params, h0_list, resets), SolveInfo(mode="sequential")
+    return sequential_solve(cell, ops, gates, params, h0_list, resets), SolveInfo(mode="sequential", exact=True)
+
+
+def refuse_second_order(mode: str, grads: tuple, primals) -> tuple:
+    """``grads`` unchanged, joined to ``primals`` through a function whose own vjp raises: differentiating the
+    adjoint backward of ``mode`` (``mx.grad`` of ``mx.grad``) is an error instead of a silently wrong result."""
+
+    @mx.custom_function
+    def guard(grads, primals):
+        return grads
+
+    @guard.vjp
+    def refuse(args, cotangents, outputs):
+        raise RuntimeError(HIGHER_ORDER_MESSAGE.format(mode=mode))
+
+    return tuple(guard(tuple(grads), tuple(primals)))

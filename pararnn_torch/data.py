@@ -46,7 +46,7 @@ def embedded_documents(max_bytes: int, seed: int = 0) -> list[str]:
         if not text.strip():
             continue
         docs.append(text)
-        used += len(text)
+        used += len(text.encode("utf-8"))
         if used >= max_bytes:
             break
     return docs

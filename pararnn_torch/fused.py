@@ -29,8 +29,9 @@ from pararnn_core.cell import Cell, get_cell
 from pararnn_core.codegen import BUILTIN_CELLS, CodegenError, NativeBuildError, cell_sources, definition_hash
 from pararnn_core.codegen.native import compiler, load_cpu_library
 from pararnn_core.codegen.sources import shipped_paths
-from pararnn_core.newton import NewtonConfig, SolveInfo, _report_failure
+from pararnn_core.newton import NewtonConfig, SolveInfo, report_nonconvergence
 from pararnn_torch import _ext
+from pararnn_torch.solver import refuse_higher_order, solve_sequential
 
 OPS = ("fused_forward", "fused_backward")
 _WHAT_ELSE = "use mode='parallel' or 'sequential'"
@@ -182,6 +183,7 @@ def _register_python_side():
         ctx.save_for_backward(u, recurrent, bias, h0, resets, output[0])
 
     def backward(ctx, grad_traj, _grad_iterations, _grad_residual):
+        refuse_higher_order("fused")
         u, recurrent, bias, h0, resets, traj = ctx.saved_tensors
         d_u, d_rec, d_bias, d_h0 = torch.ops.pararnn.fused_backward(
             u, recurrent, bias, h0, resets, traj, grad_traj.contiguous(), ctx.cell_key
@@ -222,7 +224,7 @@ def solve_fused(cell: Cell, u, recurrent, h0, resets, bias=None, config: NewtonC
             u, recurrent, bias, h0, resets, _keys[cell], config.max_its, tol, config.damping
         )
     if u.device.type == "cpu":
-        return traj, SolveInfo(mode="fused", iterations=None, residual=None, converged=True)
+        return traj, SolveInfo(mode="fused", iterations=None, residual=None, converged=True, exact=True)
     if torch.compiler.is_compiling():  # nothing may be read back inside a graph
         return traj, SolveInfo(mode="fused", iterations=None, residual=None, converged=None)
     return _newton_report(cell, traj, iterations, residual, u, recurrent, h0, resets, bias, config, tol)
@@ -236,11 +238,8 @@ def _newton_report(cell, traj, iterations, residual, u, recurrent, h0, resets, b
     most, worst = torch.stack([iterations.max().to(residual.dtype), residual.max()]).tolist()
     info = SolveInfo(mode="fused", iterations=int(most), residual=worst, converged=worst <= tol)
     if not info.converged:
-        _report_failure(cell, None, info, config, tol)
+        report_nonconvergence(cell, info, config, tol)
         if config.on_failure == "fallback":
-            from pararnn_torch.solver import solve_sequential
-
-            gates = u if bias is None else u + bias
-            traj, _ = solve_sequential(cell, gates, recurrent, h0, resets, config)
+            traj, _ = solve_sequential(cell, u if bias is None else u + bias, recurrent, h0, resets)
             info.fell_back = True
     return traj, info

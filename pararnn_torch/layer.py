@@ -5,15 +5,56 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pararnn_core.layer_spec import PROJECTION_EINSUM, RecurrentLayerConfig, from_apple_tensors
-from pararnn_core.newton import NewtonConfig, step_fn
-from pararnn_torch.modes import resolve_mode, run_mode, unavailable_modes
+from pararnn_core.layer_spec import PROJECTION_EINSUM, from_apple_tensors
+from pararnn_core.newton import NewtonConfig
+from pararnn_core.pipeline import ArrayBackend, RecurrentLayer
+from pararnn_torch.modes import TABLE, resolve_mode, unavailable_modes
 from pararnn_torch.ops import ops
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class ParaRNN(RecurrentLayerConfig, nn.Module):
+class TorchBackend(ArrayBackend):
+    name = "torch"
+    array_type = torch.Tensor
+    array_name = "torch.Tensor"
+    table = TABLE
+    ops = ops
+
+    def is_floating(self, x):
+        return x.is_floating_point()
+
+    def is_bool(self, x):
+        return x.dtype == torch.bool
+
+    def device_key(self, x):
+        return x.device
+
+    def check_device(self, layer, x, what):
+        if x.device != layer.weight.device:
+            raise ValueError(f"{what} is on {x.device} but the layer's parameters are on {layer.weight.device}")
+
+    def all_finite(self, x):
+        # min and max propagate NaN and hold any inf; several times faster than isfinite(x).all() on CPU
+        return all(bool(torch.isfinite(v)) for v in torch.aminmax(x.detach()))
+
+    def compute_dtype(self, dtype):
+        return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+    def cast(self, x, dtype):
+        return x.to(dtype)
+
+    def stack(self, parts, axis):
+        return torch.stack(list(parts), axis)
+
+    def unstack(self, x, axis):
+        return x.unbind(axis)
+
+    def zeros(self, shape, like, dtype):
+        return like.new_zeros(shape, dtype=dtype)
+
+
+class ParaRNN(RecurrentLayer, nn.Module):
     """A recurrent layer over any cell, trained in parallel along the sequence.
 
     ``forward(x)`` maps x [B, T, input_size] to y [B, T, hidden_size]; with
@@ -25,6 +66,8 @@ class ParaRNN(RecurrentLayerConfig, nn.Module):
     After every forward, ``last_solve`` holds the solve's diagnostics (mode,
     Newton iterations, final residual, whether it converged or fell back).
     """
+
+    backend = TorchBackend()
 
     def __init__(
         self,
@@ -70,66 +113,16 @@ class ParaRNN(RecurrentLayerConfig, nn.Module):
         u = torch.einsum(PROJECTION_EINSUM, xh, self.weight.to(x.dtype)).flatten(-2)
         return u + self.bias.to(u.dtype) if add_bias else u
 
-    def _compute_dtype(self, dtype):
-        return torch.float32 if dtype in _LOW_PRECISION else dtype
-
-    def _state_to_tensor(self, state, batch, dtype, device):
-        if state is None:
-            return None
-        parts = (state,) if isinstance(state, torch.Tensor) else tuple(state)
-        self.spec.check_state([tuple(p.shape) for p in parts], batch)
-        return torch.stack([p.to(device=device, dtype=dtype) for p in parts], 1)
-
-    def _tensor_to_state(self, stacked, dtype):
-        parts = tuple(p.to(dtype) for p in stacked.unbind(1))
-        return parts[0] if len(parts) == 1 else parts
-
     def resolved_mode(self, device=None) -> str:
-        """The mode ``auto`` picks (or the set mode) on ``device``."""
-        return resolve_mode(self.mode, device or self.weight.device, self.cell)
+        """The mode ``auto`` picks (or the set mode) on ``device`` (default: the parameters' device)."""
+        return resolve_mode(self.mode, device if device is not None else self.weight.device, self.cell)
 
-    # -- forward ------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state=None, resets: torch.Tensor | None = None, return_state: bool = False):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        self.spec.check_input(tuple(x.shape))
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        if x.device != self.weight.device:
-            raise ValueError(f"x is on {x.device} but the layer's parameters are on {self.weight.device}")
-        # min and max propagate NaN and hold any inf; several times faster than isfinite(x).all() on CPU
-        if not all(bool(torch.isfinite(v)) for v in torch.aminmax(x.detach())):
-            raise ValueError("x contains NaN or inf; the recurrence would spread them to every later step")
-        batch, length = x.shape[:2]
-        if resets is not None:
-            self.spec.check_resets(tuple(resets.shape), batch, length, resets.dtype == torch.bool)
-            resets = resets.to(x.device)
-        mode = self.resolved_mode(x.device)
-        u = self.project(x, add_bias=False)  # the solve adds the bias (inside the sweep in fused mode)
-        compute = self._compute_dtype(u.dtype)
-        h0 = self._state_to_tensor(state, batch, compute, x.device)
-        rec, bias = self.recurrent.to(compute), self.bias.to(compute)
-        traj, info = run_mode(mode, self.cell, u.to(compute), rec, h0, resets, self.newton, bias=bias)
-        self.last_solve = info
-        y = traj[:, :, self.cell.output_index].to(u.dtype)
-        if not return_state:
-            return y
-        return y, self._tensor_to_state(traj[:, -1], u.dtype)
+        return self._forward(x, state, resets, return_state)
 
     def step(self, x_t: torch.Tensor, state=None):
         """One token for every sequence of the batch: x_t [B, D] -> (y_t [B, N], new state)."""
-        self.spec.check_step_input(tuple(x_t.shape))
-        batch = x_t.shape[0]
-        u = self.project(x_t)
-        compute = self._compute_dtype(u.dtype)
-        h = self._state_to_tensor(state, batch, compute, x_t.device)
-        if h is None:
-            h = u.new_zeros((batch, self.cell.state_size, self.hidden_size), dtype=compute)
-
-        step = step_fn(self.cell, ops)
-        new = step(list(h.unbind(1)), list(u.to(compute).unbind(1)), list(self.recurrent.to(compute)))
-        new = torch.stack(list(new), 1)
-        return new[:, self.cell.output_index].to(u.dtype), self._tensor_to_state(new, u.dtype)
+        return self._step(x_t, state)
 
     # -- Apple checkpoints ------------------------------------------------------------
     @classmethod

@@ -1,50 +1,69 @@
-"""Which solver modes run on which device, and how ``auto`` chooses."""
+"""The solver table of PyTorch: each mode's availability check and solve (see pararnn_core.solvers)."""
 
 from __future__ import annotations
 
 import torch
 
-from pararnn_core.layer_spec import pick_mode
 from pararnn_core.newton import ScanPair
+from pararnn_core.solvers import NEWTON_FIELDS, SolverEntry, SolverTable
 from pararnn_torch import _ext
 from pararnn_torch.fused import fused_unavailable_reason, solve_fused
 from pararnn_torch.kernels import native_scan_pair
 from pararnn_torch.solver import solve_newton, solve_sequential
 
+ALL_SETTINGS = frozenset(NEWTON_FIELDS)
+
+
+# torch.compile traces around the solves instead of into them: Newton's data-dependent
+# stopping and the autograd.Functions' Python state make dynamo recurse without end
+@torch.compiler.disable
+def _sequential(cell, u, recurrent, bias, h0, resets, config, traced):
+    return solve_sequential(cell, u + bias, recurrent, h0, resets)
+
+
+@torch.compiler.disable
+def _parallel(cell, u, recurrent, bias, h0, resets, config, traced):
+    return solve_newton(cell, u + bias, recurrent, h0, resets, config, ScanPair(), "parallel")
+
+
+@torch.compiler.disable
+def _kernel(cell, u, recurrent, bias, h0, resets, config, traced):
+    return solve_newton(cell, u + bias, recurrent, h0, resets, config, native_scan_pair(), "kernel")
+
+
+@torch.compiler.disable
+def _fused(cell, u, recurrent, bias, h0, resets, config, traced):
+    # the fused kernels add the bias inside their sweep, saving a pass over u forward and backward
+    return solve_fused(cell, u, recurrent, h0, resets, bias)
+
+
+def _always(cell, device):
+    return None
+
+
+def _kernel_unavailable(cell, device):
+    reason = _ext.missing_reason(device)
+    return None if reason is None else reason + "; or use mode='parallel'"
+
+
+TABLE = SolverTable(
+    "pararnn_torch",
+    [
+        SolverEntry("sequential", _sequential, _always, exact=True),
+        SolverEntry("parallel", _parallel, _always, honours=ALL_SETTINGS),
+        SolverEntry("kernel", _kernel, _kernel_unavailable, honours=ALL_SETTINGS - {"chunk"}),
+        # on the CPU the fused kernel is the exact sequential sweep, vectorised over channels
+        SolverEntry("fused", _fused, fused_unavailable_reason, exact=True, device_types=("cpu",)),
+    ],
+    device_type=lambda device: device.type,
+)
+
 
 def unavailable_modes(device, cell=None) -> dict[str, str]:
     """Modes that cannot run on ``device`` (for ``cell``, when given), with the reason and what to do."""
-    missing = {}
-    kernel = _ext.missing_reason(device)
-    if kernel is not None:
-        missing["kernel"] = kernel + "; or use mode='parallel'"
-    fused = fused_unavailable_reason(cell, device)
-    if fused is not None:
-        missing["fused"] = fused
-    return missing
+    return TABLE.unavailable_modes(torch.device(device), cell)
 
 
 def resolve_mode(mode: str, device, cell=None) -> str:
-    return pick_mode(mode, unavailable_modes(device, cell))
-
-
-# torch.compile traces around the solve instead of into it: Newton's data-dependent
-# stopping and the autograd.Function's Python state make dynamo recurse without end
-@torch.compiler.disable
-def run_mode(mode: str, cell, u, recurrent, h0, resets, config, bias=None):
-    """Solve with a resolved mode; returns (trajectory [B, T, K, N], SolveInfo).
-
-    ``bias`` [G, N], when given, is added to the gates ``u`` (the fused kernels
-    add it inside their sweep, saving a pass over u forward and backward).
-    """
-    if mode == "fused":
-        return solve_fused(cell, u, recurrent, h0, resets, bias)
-    if bias is not None:
-        u = u + bias
-    if mode == "sequential":
-        return solve_sequential(cell, u, recurrent, h0, resets, config)
-    if mode == "parallel":
-        return solve_newton(cell, u, recurrent, h0, resets, config, ScanPair(), mode)
-    if mode == "kernel":
-        return solve_newton(cell, u, recurrent, h0, resets, config, native_scan_pair(), mode)
-    raise ValueError(f"mode {mode!r} cannot run here: {unavailable_modes(u.device, cell).get(mode, 'unknown mode')}")
+    """The mode that runs for ``mode`` (``auto``: the first available of AUTO_ORDER) on ``device``."""
+    return TABLE.choose(mode, cell, torch.device(device)).mode

@@ -18,7 +18,6 @@ class TorchOps(ArrayOps):
     zeros_like = staticmethod(torch.zeros_like)
     ones_like = staticmethod(torch.ones_like)
     where = staticmethod(torch.where)
-    matmul = staticmethod(torch.matmul)
 
     def stack(self, xs, axis):
         return torch.stack(xs, axis)

@@ -12,6 +12,7 @@ import torch
 
 from pararnn_core.cell import Cell
 from pararnn_core.newton import NewtonConfig, ScanPair, SolveInfo, adjoint, newton_solve, sequential_solve
+from pararnn_core.pipeline import HIGHER_ORDER_MESSAGE
 from pararnn_torch.ops import ops
 
 
@@ -21,18 +22,20 @@ def _unpack(u, recurrent, h0):
 
 class _NewtonSolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, recurrent, h0, resets, cell: Cell, config: NewtonConfig, scans: ScanPair, info_sink: list):
+    def forward(ctx, u, recurrent, h0, resets, cell: Cell, config: NewtonConfig, scans: ScanPair, mode: str,
+                info_sink: list):
         gates, params, h0_list = _unpack(u, recurrent, h0)
         with torch.no_grad():
             traj, info = newton_solve(cell, ops, gates, params, h0_list, resets, config, scan=scans.forward)
         info_sink.append(info)
         out = torch.stack(traj, 2)
-        ctx.cell, ctx.config, ctx.scans = cell, config, scans
+        ctx.cell, ctx.config, ctx.scans, ctx.mode = cell, config, scans, mode
         ctx.save_for_backward(u, recurrent, h0, resets, out)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        refuse_higher_order(ctx.mode)
         u, recurrent, h0, resets, out = ctx.saved_tensors
         gates, params, h0_list = _unpack(u, recurrent, h0)
         d_gates, d_params, d_h0 = adjoint(
@@ -50,20 +53,27 @@ class _NewtonSolve(torch.autograd.Function):
         d_u = torch.stack(d_gates, 2)
         d_rec = torch.stack(d_params, 0)
         d_h0 = torch.stack(d_h0, 1) if d_h0 is not None and ctx.needs_input_grad[2] else None
-        return d_u, d_rec, d_h0, None, None, None, None, None
+        return d_u, d_rec, d_h0, None, None, None, None, None, None
 
 
 def solve_newton(cell, u, recurrent, h0, resets, config, scans: ScanPair, mode: str):
     sink: list[SolveInfo] = []
     with torch.autocast(u.device.type, enabled=False):
-        out = _NewtonSolve.apply(u, recurrent, h0, resets, cell, config, scans, sink)
+        out = _NewtonSolve.apply(u, recurrent, h0, resets, cell, config, scans, mode, sink)
     info = sink[0]
     info.mode = mode
     return out, info
 
 
-def solve_sequential(cell, u, recurrent, h0, resets, config):
+def solve_sequential(cell, u, recurrent, h0, resets):
     gates, params, h0_list = _unpack(u, recurrent, h0)
     with torch.autocast(u.device.type, enabled=False):
         traj = sequential_solve(cell, ops, gates, params, h0_list, resets)
-    return traj, SolveInfo(mode="sequential")
+    return traj, SolveInfo(mode="sequential", exact=True)
+
+
+def refuse_higher_order(mode: str):
+    """Called first in the backward of the adjoint-based modes: with ``create_graph=True`` autograd runs the
+    backward in grad mode to differentiate it again, which these backwards do not support."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(HIGHER_ORDER_MESSAGE.format(mode=mode))

@@ -103,3 +103,37 @@ class MLXBackend:
         if "resets" in kwargs:
             kwargs["resets"] = conv(kwargs["resets"])
         return layer(conv(x), **kwargs)
+
+    def gradient_penalty_grads(self, layer, x):
+        """d/dx and d/dparams of sum((dL/dx)**2) with L = sum(y**2): a second-order gradient."""
+        import mlx.nn as nn
+
+        xm = from_numpy(x).astype(layer.weight.dtype)
+
+        def penalty(model, x):
+            g = mx.grad(lambda x: (model(x) ** 2).sum())(x)
+            return (g**2).sum()
+
+        _, d_params = nn.value_and_grad(layer, penalty)(layer, xm)
+        d_x = mx.grad(lambda x: penalty(layer, x))(xm)
+        return {"x": self.to_numpy(d_x), **{k: self.to_numpy(v) for k, v in d_params.items()}}
+
+    def array(self, a):
+        return from_numpy(np.asarray(a))
+
+    def compiled_training_grads(self, layer, x):
+        """Parameter gradients of the loss of ``run`` through mx.compile, as mlx-lm's training step runs them."""
+        import mlx.nn as nn
+
+        xm = from_numpy(x).astype(layer.weight.dtype)
+
+        def loss(model, x):
+            y, final = model(x, return_state=True)
+            parts = (final,) if isinstance(final, mx.array) else final
+            return (y**2).sum() + sum((p**2).sum() for p in parts)
+
+        value_and_grad = nn.value_and_grad(layer, loss)
+        # as mlx-lm's trainer: the model is captured state of the compiled step, not an argument
+        step = mx.compile(lambda x: value_and_grad(layer, x), inputs=layer.state, outputs=layer.state)
+        _, grads = step(xm)
+        return {k: self.to_numpy(v) for k, v in grads.items()}

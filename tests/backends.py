@@ -112,6 +112,33 @@ class TorchBackend:
         return layer(conv(x), **kwargs)
 
 
+    def gradient_penalty_grads(self, layer, x):
+        """d/dx and d/dparams of sum((dL/dx)**2) with L = sum(y**2): a second-order gradient."""
+        torch = self.torch
+        xt = torch.tensor(np.asarray(x), dtype=layer.weight.dtype, requires_grad=True)
+        (g,) = torch.autograd.grad((layer(xt) ** 2).sum(), xt, create_graph=True)
+        grads = torch.autograd.grad((g**2).sum(), [xt, *layer.parameters()])
+        names = ["x"] + [k for k, _ in layer.named_parameters()]
+        return {n: self.to_numpy(v) for n, v in zip(names, grads)}
+
+    def array(self, a):
+        return self.torch.as_tensor(np.asarray(a))
+
+    def compiled_training_grads(self, layer, x):
+        """Parameter gradients of the loss of ``run`` through the framework's compiler (torch.compile)."""
+        xt = self.torch.tensor(np.asarray(x), dtype=layer.weight.dtype)
+        layer.zero_grad()
+
+        def loss(x):
+            y, final = layer(x, return_state=True)
+            parts = (final,) if isinstance(final, self.torch.Tensor) else final
+            return (y**2).sum() + sum((p**2).sum() for p in parts)
+
+        compiled = self.torch.compile(loss, backend="eager")
+        compiled(xt).backward()
+        return {k: self.to_numpy(v.grad) for k, v in layer.named_parameters()}
+
+
 def available_backends():
     names = ["torch"]
     if HAVE_MLX:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pararnn_core.ops import NumpyOps
-from pararnn_core.scan import block_scan, dense_scan
+from pararnn_core.scan import block_scan
 
 ops = NumpyOps()
 
@@ -30,18 +30,3 @@ def test_block_scan_matches_loop(k, length, chunk, reverse):
     b = [rng.standard_normal((2, length, 5)) for _ in range(k)]
     got = block_scan(ops, A, b, reverse=reverse, chunk=chunk)
     np.testing.assert_allclose(np.stack(got), loop_block(A, b, reverse), atol=1e-12)
-
-
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("length,chunk", [(1, None), (5, 2), (50, None), (123, 11)])
-def test_dense_scan_matches_loop(length, chunk, reverse):
-    rng = np.random.default_rng(length)
-    n = 4
-    A = 0.4 * rng.standard_normal((3, length, n, n))
-    b = rng.standard_normal((3, length, n))
-    h = np.zeros((3, n))
-    ref = np.zeros_like(b)
-    for t in (range(length - 1, -1, -1) if reverse else range(length)):
-        h = np.einsum("bij,bj->bi", A[:, t], h) + b[:, t]
-        ref[:, t] = h
-    np.testing.assert_allclose(dense_scan(ops, A, b, reverse=reverse, chunk=chunk), ref, atol=1e-12)

@@ -63,7 +63,7 @@ def _fused(cell, u, recurrent, bias, h0, resets):
 
 
 def _sequential(cell, u, recurrent, bias, h0, resets):
-    return solve_sequential(cell, u + bias, recurrent, h0, resets, None)[0]
+    return solve_sequential(cell, u + bias, recurrent, h0, resets)[0]
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: getattr(c, "name", c))

@@ -57,7 +57,7 @@ _CELLS_BY_NAME = {getattr(c, "name", c): get_cell(c) for c in CELLS}
 def _reference(cell, u, rec, bias, h0, resets, upstream):
     tensors = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (u, rec, bias, h0)]
     tu, trec, tbias, th0 = tensors
-    traj, _ = solve_sequential(cell, tu + tbias, trec, th0, torch.tensor(resets), None)
+    traj, _ = solve_sequential(cell, tu + tbias, trec, th0, torch.tensor(resets))
     grads = torch.autograd.grad((traj * torch.tensor(upstream)).sum(), tensors)
     return [traj.detach().numpy()] + [g.numpy() for g in grads]
 

@@ -28,11 +28,19 @@ def test_mlx_fused_equals_sequential(cell, steps, with_resets):
     resets = mx.array(rng.random((batch, steps)) < 0.1) if with_resets else None
     weights = mx.array(rng.normal(size=(batch, steps, cell.state_size, channels)).astype(np.float32))
 
-    def loss(solve):
-        return lambda u, rec, h0: (solve(cell, u, rec, h0, resets) * weights).sum()
+    bias = mx.array(rng.normal(size=(cell.num_gates, channels)).astype(np.float32))
 
-    fused = mx.value_and_grad(loss(lambda *a: solve_fused(*a)[0]), argnums=(0, 1, 2))(u, rec, h0)
-    reference = mx.value_and_grad(loss(lambda *a: solve_sequential(*a, None)[0]), argnums=(0, 1, 2))(u, rec, h0)
+    def loss(solve):
+        return lambda u, rec, bias, h0: (solve(cell, u, rec, bias, h0, resets) * weights).sum()
+
+    def fused_solve(cell, u, rec, bias, h0, resets):
+        return solve_fused(cell, u, rec, h0, resets, None, bias)[0]
+
+    def sequential_solve(cell, u, rec, bias, h0, resets):
+        return solve_sequential(cell, u + bias, rec, h0, resets)[0]
+
+    fused = mx.value_and_grad(loss(fused_solve), argnums=(0, 1, 2, 3))(u, rec, bias, h0)
+    reference = mx.value_and_grad(loss(sequential_solve), argnums=(0, 1, 2, 3))(u, rec, bias, h0)
     np.testing.assert_allclose(np.asarray(fused[0]), np.asarray(reference[0]), rtol=1e-4, atol=1e-3)
     for got, want in zip(fused[1], reference[1]):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-4)

@@ -37,11 +37,14 @@ from pararnn_torch.ops import ops
 CASES = [(1, 1, 1, 3), (2, 77, 2, 33), (3, 3001, 1, 20), (2, 2500, 2, 16)]
 SPEED_CASE = (4, 8192, 1, 256)
 MODES = ("parallel", "kernel", "fused")
+LAYER_STEPS = {"cuda": (1, 300, 4096, 65536), "cpu": (1, 300)}
+#: above this length the reference is the exact fused CPU sweep in float64 instead of the sequential loop
+EXACT_REFERENCE_ABOVE = 4096
 TIMING_MODES = ("sequential", "parallel", "kernel", "fused")
 TIMING_STEPS = (512, 2048, 8192, 16384)
 TIMING_BATCH, TIMING_WIDTH = 8, 1024
 #: a mode slower than this (s, forward+backward) at some T is not timed at longer T
-TIMING_BUDGET_S = 6.0
+TIMING_BUDGET_S = 3.0
 
 
 class SelftestCell(Cell):
@@ -151,8 +154,7 @@ def _layer_case(cell, device, dtype, steps, batch=2, width=32, seed=0):
 
 def check_layers(device: str, max_steps: int) -> dict:
     """Every mode at layer level against the sequential reference (or the exact CPU sweep at the longest T)."""
-    on_gpu = device.startswith("cuda")
-    lengths = [t for t in ((1, 300, 4096, 65536) if on_gpu else (1, 300)) if t <= max_steps]
+    lengths = [t for t in LAYER_STEPS[torch.device(device).type] if t <= max_steps]
     dtypes = (torch.float32, torch.bfloat16)
     tolerance = {torch.float32: 2e-3, torch.bfloat16: 6e-2}
     rows, ok = [], True
@@ -162,8 +164,8 @@ def check_layers(device: str, max_steps: int) -> dict:
         for dtype in dtypes:
             for steps in lengths:
                 reference, x, state, resets = _layer_case(cell, device, dtype, steps)
-                exact_cpu = steps > 4096
-                if exact_cpu:  # a Python loop over 65,536 steps per check would take minutes: the exact CPU sweep
+                # a Python loop over 65,536 steps per check would take minutes: the exact CPU sweep instead
+                if steps > EXACT_REFERENCE_ABOVE:
                     ref_layer = ParaRNN(cell, 32, 32, mode="fused", dtype=torch.float64)
                     ref_layer.load_state_dict({k: v.double().cpu() for k, v in reference.state_dict().items()})
                     want = _layer_run(ref_layer, x.double().cpu(), [s.double().cpu() for s in state], resets.cpu())
@@ -283,6 +285,8 @@ def timing_table(device: str) -> dict:
 
 def peak_bandwidth_GBps(device) -> float | None:
     """Theoretical DRAM bandwidth: 2 transfers per memory clock x bus width (None when the device won't say)."""
+    if torch.device(device).type != "cuda":
+        return None
     index = torch.device(device).index or 0
     props = torch.cuda.get_device_properties(index)
     clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)

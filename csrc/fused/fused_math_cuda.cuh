@@ -1,7 +1,7 @@
 // Math functions used by the generated cell code in CUDA kernels (pr_sigmoid, pr_tanh, ...).
 // Accurate libdevice versions (no __expf): the fused kernels must match the sequential reference.
 #pragma once
-#ifndef __CUDACC_RTC__  // NVRTC has the math functions built in and no host headers
+#ifndef __CUDACC_RTC__  // NVRTC has the device math functions built in, and no host headers
 #include <cmath>
 #endif
 

@@ -134,9 +134,8 @@ def _is_builtin(cell: Cell) -> bool:
 def _register_cuda(cell: Cell, device: torch.device):
     key = cell_key(cell)
     if (key, device) not in _cuda_registered:
-        if _is_builtin(cell):
-            torch.ops.pararnn.fused_use_builtin_cuda(key, cell.name, _shape(cell))
-        else:
+        # the compiled-in kernels when this is a built-in cell and the build has them, else NVRTC
+        if not (_is_builtin(cell) and torch.ops.pararnn.fused_use_builtin_cuda(key, cell.name, _shape(cell))):
             from pararnn_torch import nvrtc
 
             functions = nvrtc.cell_kernels(cell, device)

@@ -245,3 +245,26 @@ def test_device_check_without_gpu_says_so_in_one_line_and_fails(tmp_path):
     assert result.returncode == 1
     assert len(lines) == 1 and lines[0].startswith("device_check: no CUDA GPU"), lines
     assert not (tmp_path / "out").exists()
+
+
+def test_nvrtc_targets_the_device_or_ptx_for_a_newer_one(monkeypatch):
+    from pararnn_torch import nvrtc
+
+    monkeypatch.setattr(nvrtc, "supported_archs", lambda: [75, 80, 90, 120])
+    assert nvrtc.target_for((9, 0)) == "sm_90"
+    assert nvrtc.target_for((10, 3)) == "compute_90"  # a GPU this NVRTC does not know: PTX the driver JITs
+    with pytest.raises(nvrtc.NvrtcError, match="sm_75 and newer"):
+        nvrtc.target_for((7, 0))
+
+
+def test_nvrtc_without_cuda_bindings_says_what_to_install():
+    from pararnn_torch import nvrtc
+
+    try:
+        import cuda.bindings  # noqa: F401
+    except ImportError:
+        nvrtc.bindings.cache_clear()
+        with pytest.raises(nvrtc.NvrtcError, match=r"pip install 'pararnn-mlx\[cuda\]'"):
+            nvrtc.bindings()
+    else:
+        pytest.skip("cuda-bindings is installed here")

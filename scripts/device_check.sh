@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command check of the CUDA backend on a machine with an NVIDIA GPU and a CUDA build of torch installed.
 #
-#   scripts/device_check.sh            # results in device_check_out/ (PARARNN_DEVICE_CHECK_OUT overrides)
+#   scripts/device_check.sh            # results in build/device_check/ (PARARNN_DEVICE_CHECK_OUT overrides)
 #
 # Needs no network and no mlx: it uses the Python that has torch (PYTHON, default python3). Stages, each
 # reported on its own with a time limit (a failed or timed-out stage does not stop the others):
@@ -18,7 +18,7 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
-OUT="${PARARNN_DEVICE_CHECK_OUT:-$ROOT/device_check_out}"
+OUT="${PARARNN_DEVICE_CHECK_OUT:-$ROOT/build/device_check}"
 start=$SECONDS
 
 # one torch import: the GPU's name (empty without one), then the torch build

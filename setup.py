@@ -1,8 +1,11 @@
 """Builds the native extension ``pararnn_torch._C`` (metadata lives in pyproject.toml).
 
-- CPU op ``torch.ops.pararnn.scan``: always, when torch and a C++ compiler are present.
-- CUDA dispatch of the same op: when nvcc (CUDA_HOME) and a CUDA build of torch are
-  present, for sm_80 and sm_90 (TORCH_CUDA_ARCH_LIST overrides).
+- CPU ops ``torch.ops.pararnn.scan`` and ``fused_forward``/``fused_backward``: always, when
+  torch and a C++ compiler are present.
+- CUDA dispatch of the same ops (the fused kernels of the built-in cells compiled in, other
+  cells through NVRTC at run time): when nvcc (CUDA_HOME) and a CUDA build of torch are
+  present, with code for sm_80 and sm_90 and PTX for sm_90, which newer GPUs JIT-compile
+  (TORCH_CUDA_ARCH_LIST overrides; "+PTX" on the newest entry keeps later GPUs working).
 - Anything missing: a printed message and an install without the extension; the
   ``kernel`` mode then reports what is missing (pararnn_torch/_ext.py).
 """
@@ -18,8 +21,16 @@ from setuptools.command.build_py import build_py
 #: kernel source folders shipped as package data (read through pararnn_core.kernel_sources)
 KERNEL_SOURCE_DIRS = ("csrc", "metal")
 
-CPU_SOURCES = ["csrc/scan/scan_ops.cpp", "csrc/scan/scan_cpu.cpp"]
-CUDA_SOURCES = ["csrc/scan/scan_cuda_glue.cpp", "csrc/scan/scan_cuda.cu"]
+CPU_SOURCES = ["csrc/scan/scan_ops.cpp", "csrc/scan/scan_cpu.cpp", "csrc/fused/fused_glue.cpp"]
+CUDA_SOURCES = [
+    "csrc/scan/scan_cuda_glue.cpp",
+    "csrc/scan/scan_cuda.cu",
+    "csrc/fused/fused_cuda_glue.cpp",
+    "csrc/fused/fused_cuda.cu",
+    "csrc/fused/fused_driver_glue.cu",
+]
+#: machine code for A100 and H100/H200, and PTX of the newest so any later GPU can JIT it
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 CXX_FLAGS = ["-O3"]  # the C++ standard is the one torch requires (C++17 or 20), set by cpp_extension
 
 
@@ -37,7 +48,7 @@ def _extension_build():
 
     want_cuda = os.environ.get("PARARNN_NO_CUDA", "0") != "1"
     if want_cuda and torch.version.cuda and cpp_extension.CUDA_HOME:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
         _say(
             f"building CPU + CUDA extension (CUDA_HOME={cpp_extension.CUDA_HOME}, "
             f"arch {os.environ['TORCH_CUDA_ARCH_LIST']})"

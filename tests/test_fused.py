@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from pararnn_core.cell import Cell, Normal, get_cell
-from pararnn_torch import ParaRNN
-from pararnn_torch.fused import solve_fused
+from pararnn_core.newton import NewtonConfig, NewtonConvergenceError, NewtonConvergenceWarning
+from pararnn_torch import ParaRNN, fused
+from pararnn_torch.fused import cell_key, fused_unavailable_reason, solve_fused
 from pararnn_torch.modes import unavailable_modes
 from pararnn_torch.solver import solve_sequential
 
@@ -133,15 +139,132 @@ def test_cell_without_symbolic_form_keeps_other_modes():
         layer(torch.randn(2, 5, 8))
 
 
-def test_fused_ops_have_consistent_fake_implementations():
-    """torch.library.opcheck: schema, fake (meta) shapes and autograd registration of the custom ops."""
-    from pararnn_torch.fused import _library_for, fused_backward, fused_forward
+def _op_args(cell_name="lstm", steps=5, channels=9):
+    cell, u, recurrent, bias, h0, resets, upstream = _problem(cell_name, 2, steps, channels, torch.float32, True, True)
+    assert fused_unavailable_reason(cell, "cpu") is None
+    return cell, [t.detach() for t in (u, recurrent, bias, h0)], resets, upstream
 
-    cell, u, recurrent, bias, h0, resets, upstream = _problem("lstm", 2, 5, 9, torch.float32, True, True)
-    key, _ = _library_for(cell)
-    args = [t.detach() for t in (u, recurrent, bias, h0)]
-    torch.library.opcheck(fused_forward, (*args, resets, key), test_utils=("test_schema", "test_faketensor"))
-    traj = fused_forward(*args, resets, key)
-    torch.library.opcheck(
-        fused_backward, (*args, resets, traj, upstream, key), test_utils=("test_schema", "test_faketensor")
-    )
+
+def test_fused_ops_pass_opcheck():
+    """torch.library.opcheck of the C++ ops: schema, fake (meta) shapes, autograd registration."""
+    cell, args, resets, upstream = _op_args()
+    key = cell_key(cell)
+    forward_args = (*[a.clone().requires_grad_(i != 3) for i, a in enumerate(args)], resets, key, 12, 1e-6, 1.0)
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")  # AOT dispatch: the compile test
+    torch.library.opcheck(torch.ops.pararnn.fused_forward.default, forward_args, test_utils=checks)
+    traj, _, _ = torch.ops.pararnn.fused_forward(*args, resets, key, 12, 1e-6, 1.0)
+    backward_args = (*args, resets, traj, upstream, key)
+    torch.library.opcheck(torch.ops.pararnn.fused_backward.default, backward_args, test_utils=checks)
+
+
+def test_fused_ops_trace_under_torch_compile():
+    """A compiled graph (fullgraph: no break) around the forward op and its autograd equals eager."""
+    cell, args, resets, upstream = _op_args("gru", steps=7, channels=5)
+    key = cell_key(cell)
+
+    def loss(u, recurrent, bias, h0):
+        traj, _, _ = torch.ops.pararnn.fused_forward(u, recurrent, bias, h0, resets, key, 12, 1e-6, 1.0)
+        return (traj * upstream).sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        inputs = [a.clone().requires_grad_() for a in args]
+        value = fn(*inputs)
+        results.append([value, *torch.autograd.grad(value, inputs)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_ops_explain_bad_input():
+    cell, args, resets, _ = _op_args("gru", steps=4, channels=6)
+    key = cell_key(cell)
+    with pytest.raises(RuntimeError, match="unknown cell key 'nope'"):
+        torch.ops.pararnn.fused_forward(*args, resets, "nope", 12, 1e-6, 1.0)
+    with pytest.raises(RuntimeError, match=r"recurrent must be \[P, N\] = \[3, 6\]"):
+        torch.ops.pararnn.fused_forward(args[0], args[1][:2], None, None, None, key, 12, 1e-6, 1.0)
+    with pytest.raises(RuntimeError, match="resets must be a bool tensor"):
+        torch.ops.pararnn.fused_forward(args[0], args[1], None, None, resets.float(), key, 12, 1e-6, 1.0)
+    with pytest.raises(RuntimeError, match="compute in float32 or float64"):
+        torch.ops.pararnn.fused_forward(args[0].half(), args[1].half(), None, None, None, key, 12, 1e-6, 1.0)
+
+
+def test_cpu_sweep_reports_exact_solve():
+    cell, args, resets, _ = _op_args("gru", steps=4, channels=6)
+    u, recurrent, bias, h0 = args
+    _, info = solve_fused(cell, u, recurrent, h0, resets, bias, NewtonConfig())
+    assert (info.mode, info.iterations, info.residual, info.converged) == ("fused", None, None, True)
+
+
+def test_availability_is_decided_once_per_cell_and_device(monkeypatch):
+    cell = PeepholeCell()
+    assert fused_unavailable_reason(cell, "cpu") is None
+
+    def fail(*_):
+        raise AssertionError("re-checked on the hot path")
+
+    monkeypatch.setattr(fused, "_first_check", fail)
+    monkeypatch.setattr(fused, "definition_hash", fail)
+    assert fused_unavailable_reason(cell, torch.device("cpu")) is None
+    solve_fused(cell, *_problem(cell, 1, 3, 4, torch.float32, False, False)[1:3], None, None)
+
+
+@pytest.mark.parametrize("on_failure", ["fallback", "warn", "raise"])
+def test_newton_kernel_results_follow_the_failure_policy(on_failure):
+    """What the CUDA forward reports per sequence becomes SolveInfo and the shared failure policy (tested here
+    on CPU tensors: the report does not depend on the device)."""
+    cell, u, recurrent, bias, h0, resets, _ = _problem("gru", 2, 6, 4, torch.float32, True, True)
+    exact = _sequential(cell, u, recurrent, bias, h0, resets)
+    config = NewtonConfig(max_its=3, on_failure=on_failure)
+    iterations = torch.full((2, 4), 3, dtype=torch.int32)
+    residual = torch.full((2, 4), 1e-8)
+    traj, info = fused._newton_report(cell, exact + 1, iterations, residual, u, recurrent, h0, resets, bias,
+                                      config, 1e-6)
+    assert (info.iterations, info.converged, info.fell_back) == (3, True, False)
+    residual[1, 2] = 0.5
+    if on_failure == "raise":
+        with pytest.raises(NewtonConvergenceError, match="did not reach tol"):
+            fused._newton_report(cell, exact + 1, iterations, residual, u, recurrent, h0, resets, bias, config, 1e-6)
+        return
+    with pytest.warns(NewtonConvergenceWarning, match="did not reach tol"):
+        traj, info = fused._newton_report(cell, exact + 1, iterations, residual, u, recurrent, h0, resets, bias,
+                                          config, 1e-6)
+    assert info.residual == pytest.approx(0.5) and not info.converged
+    assert info.fell_back == (on_failure == "fallback")
+    torch.testing.assert_close(traj, exact if on_failure == "fallback" else exact + 1)
+
+
+def test_device_check_without_gpu_says_so_in_one_line_and_fails(tmp_path):
+    """scripts/device_check.sh on a machine without a CUDA GPU (this one): one line, non-zero exit, no output dir."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the check would run for real")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHON": sys.executable, "PARARNN_DEVICE_CHECK_OUT": str(tmp_path / "out")}
+    result = subprocess.run([str(root / "scripts" / "device_check.sh")], capture_output=True, text=True, env=env,
+                            timeout=120)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 1
+    assert len(lines) == 1 and lines[0].startswith("device_check: no CUDA GPU"), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_nvrtc_targets_the_device_or_ptx_for_a_newer_one(monkeypatch):
+    from pararnn_torch import nvrtc
+
+    monkeypatch.setattr(nvrtc, "supported_archs", lambda: [75, 80, 90, 120])
+    assert nvrtc.target_for((9, 0)) == "sm_90"
+    assert nvrtc.target_for((10, 3)) == "compute_90"  # a GPU this NVRTC does not know: PTX the driver JITs
+    with pytest.raises(nvrtc.NvrtcError, match="sm_75 and newer"):
+        nvrtc.target_for((7, 0))
+
+
+def test_nvrtc_without_cuda_bindings_says_what_to_install():
+    from pararnn_torch import nvrtc
+
+    try:
+        import cuda.bindings  # noqa: F401
+    except ImportError:
+        nvrtc.bindings.cache_clear()
+        with pytest.raises(nvrtc.NvrtcError, match=r"pip install 'pararnn-mlx\[cuda\]'"):
+            nvrtc.bindings()
+    else:
+        pytest.skip("cuda-bindings is installed here")

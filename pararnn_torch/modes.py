@@ -34,7 +34,7 @@ def _kernel(cell, u, recurrent, bias, h0, resets, config, traced):
 @torch.compiler.disable
 def _fused(cell, u, recurrent, bias, h0, resets, config, traced):
     # the fused kernels add the bias inside their sweep, saving a pass over u forward and backward
-    return solve_fused(cell, u, recurrent, h0, resets, bias)
+    return solve_fused(cell, u, recurrent, h0, resets, bias, config)
 
 
 def _always(cell, device):
@@ -54,6 +54,9 @@ TABLE = SolverTable(
         SolverEntry("kernel", _kernel, _kernel_unavailable, honours=ALL_SETTINGS - {"chunk"}),
         # on the CPU the fused kernel is the exact sequential sweep, vectorised over channels
         SolverEntry("fused", _fused, fused_unavailable_reason, exact=True, device_types=("cpu",)),
+        # on CUDA the whole Newton solve (and the adjoint) in one kernel each
+        SolverEntry("fused", _fused, fused_unavailable_reason, honours=ALL_SETTINGS - {"chunk"},
+                    device_types=("cuda",)),
     ],
     device_type=lambda device: device.type,
 )

@@ -65,6 +65,11 @@ def tokenizer_dir_for(out: Path) -> Path:
     return out.with_suffix(".tokenizer")
 
 
+def tokenizer_files(src: Path, tokenizer: TextTokenizer) -> list[str]:
+    """The checkpoint's files copied beside the package: the tokenizer's (those present) and config.json."""
+    return sorted(name for name in [*tokenizer.files(), checkpoint.CONFIG_FILE] if (src / name).is_file())
+
+
 def package_bytes(path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -115,12 +120,12 @@ def to_coreml(src, out, options: CoreMLOptions | None = None, force: bool = Fals
         merged = work / "merged.mlpackage"
         merge_functions(paths, merged)
         package = work / out.name
-        write_metadata(merged, package, reference.config, raw_config, tokenizer, options)
         tok_dir = work / tokenizer_dir_for(out).name
         tok_dir.mkdir()
-        for fname, content in tokenizer.files().items():
-            (tok_dir / fname).write_bytes(content)
-        (tok_dir / checkpoint.CONFIG_FILE).write_text(json.dumps(raw_config, indent=2, sort_keys=True) + "\n")
+        files = tokenizer_files(src, tokenizer)
+        for fname in files:
+            shutil.copyfile(src / fname, tok_dir / fname)
+        write_metadata(merged, package, reference.config, raw_config, tokenizer, tok_dir.name, files, options)
         _replace(tok_dir, tokenizer_dir_for(out))
         _replace(package, out)
     return CoreMLSummary(out, tokenizer_dir_for(out), options, parity, package_bytes(out))
@@ -240,16 +245,17 @@ def merge_functions(paths: dict, out: Path):
     ct.utils.save_multifunction(desc, str(out))
 
 
-def model_metadata(config, raw_config: dict, tokenizer: TextTokenizer, options: CoreMLOptions) -> dict[str, str]:
+def model_metadata(
+    config, raw_config: dict, tokenizer: TextTokenizer, tokenizer_dir: str, files: list[str], options: CoreMLOptions
+) -> dict[str, str]:
     """``user_defined_metadata`` of the package (strings only, as Core ML stores them)."""
     states = {spec.name: list(spec.shape) for spec in state_specs(config)}
-    files = sorted([*tokenizer.files(), checkpoint.CONFIG_FILE])
     return {
         METADATA_PREFIX + "config": json.dumps(config.to_dict(), sort_keys=True),
         METADATA_PREFIX + "source_config": json.dumps(raw_config, sort_keys=True),
         METADATA_PREFIX + "tokenizer_kind": "bytes" if tokenizer.is_bytes else "huggingface",
         METADATA_PREFIX + "tokenizer_files": json.dumps(files),
-        METADATA_PREFIX + "tokenizer_dir": "<package name>.tokenizer (beside the package)",
+        METADATA_PREFIX + "tokenizer_dir": tokenizer_dir,
         METADATA_PREFIX + "states": json.dumps(states),
         METADATA_PREFIX + "state_dtype": "float16",
         METADATA_PREFIX + "functions": json.dumps({"decode": 1, "prefill": options.prefill_length}),
@@ -260,7 +266,16 @@ def model_metadata(config, raw_config: dict, tokenizer: TextTokenizer, options: 
     }
 
 
-def write_metadata(src: Path, out: Path, config, raw_config: dict, tokenizer: TextTokenizer, options: CoreMLOptions):
+def write_metadata(
+    src: Path,
+    out: Path,
+    config,
+    raw_config: dict,
+    tokenizer: TextTokenizer,
+    tokenizer_dir: str,
+    files: list[str],
+    options: CoreMLOptions,
+):
     """Copy the package ``src`` to ``out`` with package-level description and metadata added
     (a multifunction model keeps them once for all its functions)."""
     import coremltools as ct
@@ -276,5 +291,5 @@ def write_metadata(src: Path, out: Path, config, raw_config: dict, tokenizer: Te
         f"stateful: make one state per sequence, run 'prefill' on chunks of {options.prefill_length} tokens "
         f"and 'decode' one token at a time"
     )
-    meta.userDefined.update(model_metadata(config, raw_config, tokenizer, options))
+    meta.userDefined.update(model_metadata(config, raw_config, tokenizer, tokenizer_dir, files, options))
     ct.models.utils.save_spec(spec, str(out), weights_dir=mlmodel.weights_dir)

@@ -87,6 +87,11 @@ class StatefulLM(nn.Module):
         super().__init__()
         if length < 1:
             raise ValueError(f"the exported chunk length must be a positive integer, got {length}")
+        if model.config.conv_width < 2:
+            raise ValueError(
+                f"conv_width={model.config.conv_width} leaves no conv tail, and a Core ML state cannot be empty; "
+                f"the Core ML export needs conv_width >= 2"
+            )
         self.length = length
         self.config = model.config
         self.model = copy.deepcopy(model).float().eval()

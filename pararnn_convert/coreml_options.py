@@ -20,7 +20,7 @@ class CoreMLOptions:
     target: str = "iOS18"
     compute_units: str = "all"
     compress: str = "none"
-    prefill_length: int = 64
+    prefill_length: int = 32
     parity_steps: int = 50
     author: str = "pararnn-convert"
     license: str = "unspecified"

@@ -250,11 +250,12 @@ def _assert_refused(argv, needle, out):
     assert after == before
 
 
-def test_bad_input_is_refused_in_one_line(checkpoints, packages, tmp_path):
-    paths, _ = packages
+def test_bad_input_is_refused_in_one_line(checkpoints, tmp_path):
     src, out = str(checkpoints / "gru"), tmp_path / "m.mlpackage"
+    existing = tmp_path / "existing.mlpackage"
+    existing.mkdir()
     _assert_refused(["to-coreml", "--model", str(tmp_path / "missing"), "--out", str(out)], "does not exist", out)
-    _assert_refused(["to-coreml", "--model", src, "--out", str(paths["gru"])], "already exists", paths["gru"])
+    _assert_refused(["to-coreml", "--model", src, "--out", str(existing)], "already exists", existing)
     _assert_refused(["to-coreml", "--model", src, "--out", str(out), "--precision", "bfloat16"], "--precision", out)
     _assert_refused(["to-coreml", "--model", src, "--out", str(out), "--compress", "int2"], "--compress", out)
     _assert_refused(["to-coreml", "--model", src, "--out", str(out), "--target", "iOS17"], "--target", out)
@@ -262,18 +263,22 @@ def test_bad_input_is_refused_in_one_line(checkpoints, packages, tmp_path):
     _assert_refused(["to-coreml", "--model", src, "--out", str(out), "--prefill-length", "0"], "prefill", out)
 
 
-def test_quantized_mlx_folder_is_dequantized(checkpoints, tmp_path):
+def test_mlx_folders_load_as_the_reference(checkpoints, tmp_path):
     pytest.importorskip("mlx.core", reason="mlx is not installed")
     from pararnn_convert.to_mlx import to_mlx
 
-    to_mlx(checkpoints / "gru", tmp_path / "q", dtype="float32", quantize=True, q_bits=8, q_group_size=32)
     reference, _ = load_reference(checkpoints / "gru")
-    dequantized, raw = load_reference(tmp_path / "q")
-    assert raw["quantization"]["bits"] == 8
     tokens = torch.tensor([[1, 2, 3, 4]])
-    # 8-bit weights: close to the float model, not equal
-    diff = (dequantized(tokens) - reference(tokens)).abs().max()
-    assert 0 < diff < 0.05
+    expected = reference(tokens)
+    to_mlx(checkpoints / "gru", tmp_path / "f16", dtype="float16")
+    to_mlx(checkpoints / "gru", tmp_path / "q8", dtype="float32", quantize=True, q_bits=8, q_group_size=32)
+    from_float16, raw = load_reference(tmp_path / "f16")
+    assert "quantization" not in raw
+    torch.testing.assert_close(from_float16(tokens), expected, atol=2e-3, rtol=0)
+    dequantized, raw = load_reference(tmp_path / "q8")
+    assert raw["quantization"]["bits"] == 8
+    diff = (dequantized(tokens) - expected).abs().max()
+    assert 0 < diff < 0.05  # 8-bit weights: close to the float model, not equal
 
 
 # ----------------------------------------------------------------------------

@@ -28,30 +28,44 @@ from torch import nn
 
 from pararnn_core import checkpoint
 from pararnn_core.lm_config import LMConfig
+from pararnn_core.newton import step_fn
 from pararnn_torch.lm import ParaRNNLM
+from pararnn_torch.ops import ops
 
 
 class UnrolledCell(nn.Module):
-    """A ``ParaRNN`` layer whose ``forward`` runs its own ``step`` once per position.
+    """A ``ParaRNN`` layer whose ``forward`` runs the cell's sequential step once per position.
 
     ``forward`` of the layer validates its input with data-dependent checks and picks a
-    solver (Newton, native kernels) that an exported graph cannot contain; the step is the
-    cell's sequential definition, which is exactly what a fixed-length Core ML graph unrolls.
+    solver (Newton, native kernels) that an exported graph cannot contain. Here the input
+    projection runs once for the whole chunk (the layer's own ``project``), then the cell's
+    step from pararnn_core (``step_fn`` over the torch ops, the definition every backend
+    uses) is applied position by position: the graph a fixed-length Core ML function unrolls.
+    ``step`` is the layer's own.
     """
 
     def __init__(self, layer):
         super().__init__()
         self.layer = layer
+        self.cell_step = step_fn(layer.cell, ops)
 
     def forward(self, x, state=None, resets=None, return_state: bool = False):
         if resets is not None:
             raise ValueError("the exported model has no resets: start a new document with a fresh Core ML state")
+        cell = self.layer.cell
+        # positions folded into the batch: the projection's einsum then stays within Core ML's rank limit of 5
+        batch, length = x.shape[:2]
+        gates = self.layer.project(x.flatten(0, 1)).unflatten(0, (batch, length))  # [B, T, G, N]
+        params = list(self.layer.recurrent)
+        h = [state] if isinstance(state, torch.Tensor) else list(state)
         ys = []
-        for x_t in x.unbind(1):
-            y_t, state = self.layer.step(x_t, state)
-            ys.append(y_t)
+        for u_t in gates.unbind(1):
+            h = list(self.cell_step(h, list(u_t.unbind(1)), params))
+            ys.append(h[cell.output_index])
         y = torch.stack(ys, 1)
-        return (y, state) if return_state else y
+        if not return_state:
+            return y
+        return y, (h[0] if len(h) == 1 else tuple(h))
 
     def step(self, x_t, state=None):
         return self.layer.step(x_t, state)

@@ -74,11 +74,11 @@ class TorchBackend:
         self.torch.manual_seed(0)
         return {f"torch.nn.{cell.upper()}": cls(size, size, batch_first=True, device=self.device)}
 
-    def compiled_loop(self, layer):
+    def compiled_loop(self, layer, batch: int):
         """A module running ``layer``'s own cell as a Python loop over time of a torch.compile'd step."""
         from pararnn_bench.compiled_loop import CompiledLoop
 
-        return CompiledLoop(layer)
+        return CompiledLoop(layer, batch)
 
     def floor_parts(self, batch: int, steps: int, size: int, gates: int) -> dict[str, Callable[[], None]]:
         """The input projection matmul [B*T, D] x [D, G*N] and one copy of the gates [B*T, G*N]."""
@@ -161,7 +161,7 @@ class MLXBackend:
     def peers(self, cell: str, size: int) -> dict:
         return {}
 
-    def compiled_loop(self, layer):
+    def compiled_loop(self, layer, batch: int):
         return None
 
     def floor_parts(self, batch: int, steps: int, size: int, gates: int) -> dict[str, Callable[[], None]]:

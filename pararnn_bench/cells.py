@@ -76,9 +76,9 @@ def measure_point(backend, cell: str, point, preset: Preset, compiled_loops: dic
             variants[f"{peer_name}|{pass_name}"] = backend.run(peer, x, None, backward)
             kinds[peer_name] = "peer"
     if _allowed(preset, "compiled loop", steps):
-        key = (cell, size)
-        if key not in compiled_loops:  # one compiled step per cell and size: compile once
-            compiled_loops[key] = backend.compiled_loop(layer)
+        key = (cell, batch, size)
+        if key not in compiled_loops:  # one compiled step per cell and shape: compile once
+            compiled_loops[key] = backend.compiled_loop(layer, batch)
         loop = compiled_loops[key]
         if loop is not None:
             loop.layer = layer

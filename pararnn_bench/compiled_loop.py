@@ -4,15 +4,20 @@ with the step compiled by torch.compile, trained by backpropagation through the 
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from pararnn_core.newton import step_fn
 from pararnn_torch.ops import ops
 
 
 class CompiledLoop(torch.nn.Module):
-    """x [B, T, D] -> y [B, T, N] with ``layer``'s projection and cell; the step is compiled once per shape."""
+    """x [B, T, D] -> y [B, T, N] with ``layer``'s projection and cell; the step is compiled for one batch size.
 
-    def __init__(self, layer):
+    The cell's step is first traced to a graph of plain tensor ops (make_fx runs the cell's Python as is),
+    then that graph is compiled: dynamo cannot trace the cell's named-field helper itself.
+    """
+
+    def __init__(self, layer, batch: int):
         super().__init__()
         self.layer = layer
         step = step_fn(layer.cell, ops)
@@ -21,7 +26,9 @@ class CompiledLoop(torch.nn.Module):
             new = step(list(h.unbind(1)), list(u_t.unbind(1)), list(params.unbind(0)))
             return torch.stack(list(new), 1)
 
-        self.step = torch.compile(one_step, dynamic=False)
+        k, g, n = layer.cell.state_size, layer.cell.num_gates, layer.hidden_size
+        examples = (torch.zeros(batch, k, n), torch.zeros(batch, g, n), layer.recurrent.detach())
+        self.step = torch.compile(make_fx(one_step)(*examples), dynamic=False)
 
     def forward(self, x):
         layer = self.layer

@@ -40,7 +40,9 @@ def _variants(backend, layer, cell, size, preset, steps, loops):
     out = [(mode, layer, mode) for mode in backend.modes(layer) if steps <= preset.max_steps.get(mode, 2**62)]
     out += [(name, peer, None) for name, peer in backend.peers(cell, size).items()]
     if steps <= preset.max_steps.get("compiled loop", 2**62):
-        loop = loops.setdefault(cell, backend.compiled_loop(layer))
+        if cell not in loops:
+            loops[cell] = backend.compiled_loop(layer, preset.batch)
+        loop = loops[cell]
         if loop is not None:
             out.append(("compiled loop", loop, None))
     return out

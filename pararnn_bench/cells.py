@@ -36,6 +36,7 @@ class Preset:
     repeats: int
     #: longest T per variant kind (the slow ones stop early)
     max_steps: dict = field(default_factory=dict)
+    only_modes: tuple[str, ...] = ()  # empty: every available mode
 
     def points(self) -> list[tuple[int, int, int]]:
         points = [(self.batch, t, self.size) for t in self.steps]
@@ -67,7 +68,7 @@ def measure_point(backend, cell: str, point, preset: Preset, compiled_loops: dic
     x = backend.input(batch, steps, size)
     variants, kinds = {}, {}
     for mode in backend.modes(layer):
-        if _allowed(preset, mode, steps):
+        if _allowed(preset, mode, steps) and (not preset.only_modes or mode in preset.only_modes):
             for pass_name, backward in PASSES.items():
                 variants[f"{mode}|{pass_name}"] = backend.run(layer, x, mode, backward)
                 kinds[mode] = "mode"
@@ -119,6 +120,10 @@ def run(args, report: Report) -> int:
     preset = PRESETS[args.preset]
     if args.repeats:
         preset.repeats = args.repeats
+    if args.steps:  # only these T, at the preset's batch and size
+        preset.steps, preset.batches, preset.sizes = tuple(args.steps), (), ()
+    if args.modes:
+        preset.only_modes = tuple(args.modes)
     cells = args.cells
     chosen = backend_registry.present(args.backends)
     results = []

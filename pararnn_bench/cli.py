@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backends", nargs="+", default=None,
                        help="torch-cpu, torch-cuda, mlx-cpu, mlx-gpu (default: every one present)")
         p.add_argument("--cells", nargs="+", choices=("gru", "lstm"), default=["gru", "lstm"])
+        if command == "cells":
+            p.add_argument("--steps", type=int, nargs="+", default=None,
+                           help="only these sequence lengths T, at the preset's batch and size (no B/N sweep)")
+            p.add_argument("--modes", nargs="+", choices=("fused", "kernel", "parallel", "sequential"), default=None,
+                           help="only these modes (default: every mode available); the peers are always run")
         if command == "generate":
             p.add_argument("--mlx-model", default=None, help="an MLX checkpoint folder instead of a random model")
     return parser

@@ -221,9 +221,10 @@ def _plots(report: Report, results: list[dict], preset: Preset):
                    if name in r["summary"]["passes"]["fwd+bwd"].get("speedup_over", {})]
             ax.semilogx(*zip(*pts), marker="o", label=f"vs {name}")
         ax.axhline(1.0, color="k", lw=0.5)
-        ax.set_title(f"{backend} Para{cell.upper()}", fontsize=9)
+        ax.set_title(f"{backend} Para{cell.upper()}" + ("" if over else " (no peer on this backend)"), fontsize=9)
         ax.set_xlabel("T")
         ax.set_ylabel("speed-up (x)")
-        ax.legend(fontsize=7)
+        if over:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     report.plot("cells_speedup", fig)

@@ -1,1 +1,0 @@
-"""Benchmarks: run as modules from the repository root, e.g. python -m bench.bench_cells."""

@@ -1,0 +1,1 @@
+"""ParaRNN benchmarks (the ``pararnn-bench`` command); see pararnn_bench.cli."""

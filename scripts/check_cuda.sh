@@ -99,32 +99,5 @@ if bad:
     print("\n".join("  " + b for b in bad))
     sys.exit(1)
 PY
-# --- local memory (cuda-kernels): ptxas -v -warn-lmem-usage over the raw-pointer kernel units; fails when a
-# float32 / bfloat16 / float16 kernel (any fused kernel, a scan with K <= 2) uses a stack frame or spills
-LMEM_LOG="$BUILD/ptxas_lmem.log"
-mkdir -p "$BUILD"
-: > "$LMEM_LOG"
-for unit in csrc/scan/scan_cuda.cu csrc/fused/fused_cuda.cu; do
-  "$CUDA_HOME/bin/nvcc" -c -std=c++17 -O3 -gencode=arch=compute_80,code=sm_80 -Xptxas -v,-warn-lmem-usage \
-    "$unit" -o "$BUILD/lmem_$(basename "$unit").o" >> "$LMEM_LOG" 2>&1
-done
-python3 - "$LMEM_LOG" <<'PY'
-import re, subprocess, sys
-text = open(sys.argv[1]).read()
-entries = re.findall(
-    r"Compiling entry function '([^']+)' for '(sm_\d+)'\n(?:ptxas info\s*: Function properties[^\n]*\n)?"
-    r"\s*(\d+) bytes stack frame, (\d+) bytes spill stores", text)
-names = subprocess.run(["c++filt"], input="\n".join(e[0] for e in entries), capture_output=True, text=True).stdout.split("\n")
-bad = []
-for (mangled, arch, stack, spills), name in zip(entries, names):
-    args = name[name.find("<") + 1 : name.find(">(")] if "<" in name else ""
-    exempt = "double" in args or ("structured_scan_kernel" in name and int(args.split(",")[2]) > 2)
-    if (int(stack) or int(spills)) and not exempt:
-        bad.append(f"{name.split('(')[0]} [{arch}]: {stack} B stack, {spills} B spill stores")
-print(f"check_cuda: ptxas lmem - {len(entries)} kernels checked, {len(bad)} f32/bf16/f16 kernels with local memory")
-if bad:
-    print("\n".join("  " + b for b in bad))
-    sys.exit(1)
-PY
 echo "$TORCH_CUDA_ARCH_LIST $TORCH_SPEC" > "$STAMP"
 echo "check_cuda: done in $((SECONDS - start)) s"

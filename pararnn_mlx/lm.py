@@ -222,6 +222,16 @@ class Model(nn.Module):
         self._compiled_decode = None
 
     @property
+    def mode(self) -> str:
+        """Solver mode of every recurrent layer (auto, parallel, sequential, ...), as ParaRNNLM.mode in torch."""
+        return self.layers[0].recurrent.cell.mode
+
+    @mode.setter
+    def mode(self, value: str):
+        for block in self.layers:
+            block.recurrent.cell.mode = value
+
+    @property
     def config(self) -> LMConfig:
         return self.args.config
 

@@ -54,12 +54,6 @@ def check_checkpoint(path, trust_remote_code: bool = False) -> LMConfig:
     return config
 
 
-def set_mode(model: Model, mode: str):
-    """Solver mode of every cell (auto, parallel, sequential, ...)."""
-    for block in model.layers:
-        block.recurrent.cell.mode = mode
-
-
 def _quantize_like_mlx_lm(model: Model, quantization: dict, weights: dict):
     """mlx_lm.utils.load_model's quantization: a per-layer config entry decides; otherwise a layer with
     stored scales is quantized with the settings its stored shapes imply (mlx-lm's infer_quant_config)."""

@@ -267,3 +267,15 @@ def test_user_cell_module_is_imported_only_with_trust_remote_code(tmp_path):
     trusted = subprocess.run([*command, "--trust-remote-code"], capture_output=True, text=True, env=env, timeout=300)
     assert trusted.returncode == 0, trusted.stderr
     assert (tmp_path / "marker").read_text() == "imported"
+
+
+def test_model_mode_is_a_property_on_both_backends():
+    from pararnn_core.lm_config import LMConfig
+    from pararnn_mlx.lm import Model, ModelArgs
+    from pararnn_torch.lm import ParaRNNLM
+
+    config = LMConfig(vocab_size=40, d_model=16, n_layers=2, num_heads=2)
+    for model in (Model(ModelArgs.from_dict(config.to_dict())), ParaRNNLM(config)):
+        assert model.mode == "auto"
+        model.mode = "sequential"
+        assert model.mode == "sequential" and all(b.recurrent.cell.mode == "sequential" for b in model.layers)

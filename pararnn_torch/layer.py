@@ -34,6 +34,10 @@ class TorchBackend(ArrayBackend):
         if x.device != layer.weight.device:
             raise ValueError(f"{what} is on {x.device} but the layer's parameters are on {layer.weight.device}")
 
+    def traced(self, x):
+        # inside torch.compile / torch.export a value check would be a data-dependent guard
+        return torch.compiler.is_compiling()
+
     def all_finite(self, x):
         # min and max propagate NaN and hold any inf; several times faster than isfinite(x).all() on CPU
         return all(bool(torch.isfinite(v)) for v in torch.aminmax(x.detach()))

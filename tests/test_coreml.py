@@ -245,7 +245,7 @@ def _assert_refused(argv, needle, out):
     code, stdout, stderr = _run_cli(argv)
     assert code == 2
     lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr
+    assert len(lines) == 1 and lines[0].startswith("pararnn-convert: error: ") and needle in lines[0], stderr
     after = sorted(p.name for p in out.parent.iterdir()) if out.parent.exists() else []
     assert after == before
 

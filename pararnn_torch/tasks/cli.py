@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pararnn_core.layer_spec import MODES
+from pararnn_core.solvers import MODES
 from pararnn_torch.tasks.data import TASKS
 from pararnn_torch.tasks.models import known_models
 from pararnn_torch.tasks.presets import PRESETS, RunSettings, preset_settings

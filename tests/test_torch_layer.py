@@ -131,3 +131,12 @@ def test_mode_strings_and_auto():
         layer.mode = mode
         layer(torch.randn(1, 3, 4))
         assert layer.last_solve.mode == mode
+
+
+def test_layer_check_of_the_main_job_runs_every_mode(capsys):
+    """scripts/main.sh ends with this check; exact modes print no Newton iteration count."""
+    from pararnn_torch import demo
+
+    assert demo.main(["--length", "24", "--batch", "2", "--size", "8", "--heads", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "largest error" in out and "OK" in out and "ParaLSTM" in out

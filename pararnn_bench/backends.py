@@ -81,23 +81,49 @@ class TorchBackend:
         return CompiledLoop(layer, batch)
 
     def floor_parts(self, batch: int, steps: int, size: int, gates: int) -> dict[str, Callable[[], None]]:
-        """The input projection matmul [B*T, D] x [D, G*N] and one copy of the gates [B*T, G*N]."""
+        """The projection's three products, each by every fp32 route torch has here, and one copy of the gates.
+
+        Products: forward rows [B*T, D] x W [D, G*N], dx = du W^T, dW = rows^T du. Routes: the dense
+        matmul, and oneDNN (a 1x1 channels-last convolution and its backward, pararnn_torch.projection)
+        where this CPU favours it. The floor takes the fastest route of each product.
+        """
         torch = self.torch
+        from pararnn_torch.projection import onednn_available, onednn_product
+
         rows = torch.randn(batch * steps, size, device=self.device)
         weight = torch.randn(size, gates * size, device=self.device)
-        source = torch.randn(batch * steps, gates * size, device=self.device)
-        target = torch.empty_like(source)
-        product = torch.empty(batch * steps, gates * size, device=self.device)
+        grad = torch.randn(batch * steps, gates * size, device=self.device)
+        target = torch.empty_like(grad)
+        product = torch.empty_like(grad)
+        d_rows = torch.empty_like(rows)
+        d_weight = torch.empty_like(weight)
+        parts = {
+            "forward@matmul": lambda: torch.matmul(rows, weight, out=product),
+            "dx@matmul": lambda: torch.matmul(grad, weight.t(), out=d_rows),
+            "dw@matmul": lambda: torch.matmul(rows.t(), grad, out=d_weight),
+            "copy": lambda: target.copy_(grad),
+        }
+        if self.device.type == "cpu" and onednn_available():
+            image = rows.view(1, -1, 1, size).permute(0, 3, 1, 2)
+            filters = weight.t().reshape(gates * size, size, 1, 1)
+            grad_image = grad.view(1, -1, 1, gates * size).permute(0, 3, 1, 2)
 
-        def matmul():
-            torch.matmul(rows, weight, out=product)
-            self.sync()
+            def backward_product(mask):
+                return lambda: torch.ops.aten.convolution_backward(
+                    grad_image, image, filters, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask)
 
-        def copy():
-            target.copy_(source)
-            self.sync()
+            parts["forward@onednn"] = lambda: onednn_product(rows, weight)
+            parts["dx@onednn"] = backward_product([True, False, False])
+            parts["dw@onednn"] = backward_product([False, True, False])
 
-        return {"matmul": matmul, "copy": copy}
+        def synced(fn):
+            def run():
+                fn()
+                self.sync()
+
+            return run
+
+        return {name: synced(fn) for name, fn in parts.items()}
 
 
 class MLXBackend:
@@ -180,7 +206,8 @@ class MLXBackend:
             mx.set_default_device(self.device)
             mx.eval(source + 0)  # an elementwise op: reads once, writes once
 
-        return {"matmul": matmul, "copy": copy}
+        # the backward products have the forward's cost here (no separate route is timed)
+        return {"forward@matmul": matmul, "copy": copy}
 
 
 def present(selected: list[str] | None = None) -> list:

@@ -3,11 +3,14 @@
 At every point (B, T, D=N) of the sweep, one interleaved comparison times, for
 the forward alone and for forward+backward of mean(y^2): each available mode,
 torch.nn.GRU / LSTM, the torch.compile'd sequential loop of the same cell (torch
-backends), and the floor's two parts on the same backend: the input-projection
-matmul [B*T, D] x [D, 3N] and one copy of the gates [B*T, 3N]. The floor of a
-forward is one matmul plus the copy (read the gates, write the states); of a
-forward+backward, three matmuls (forward, dx, dW) plus the copy. Nothing can be
-faster than its floor: the ratio best-mode / floor is what is left to win.
+backends), and the floor's parts on the same backend: the input projection's
+products, forward rows [B*T, D] x W [D, 3N], dx = du W^T and dW = rows^T du,
+each by every fp32 route the backend has (torch: the dense matmul and oneDNN),
+and one copy of the gates [B*T, 3N]. The floor of a forward is the fastest
+forward product plus the copy (read the gates, write the states); of a
+forward+backward, the fastest of each of the three products plus the copy.
+Nothing can be faster than its floor: the ratio best-mode / floor is what is
+left to win.
 """
 
 from __future__ import annotations
@@ -93,18 +96,32 @@ def measure_point(backend, cell: str, point, preset: Preset, compiled_loops: dic
     return {"timings": timings, "kinds": kinds, "gates": layer.cell.num_gates}
 
 
+def best_products(timings: dict, estimator: str) -> dict:
+    """Per product of the floor (forward, dx, dw): the fastest route's ms, that route, and every route's ms."""
+    routes: dict = {}
+    for name, timing in timings.items():
+        part, _, kind = name.partition("|")
+        if kind == "floor" and "@" in part:
+            product, route = part.split("@")
+            routes.setdefault(product, {})[route] = timing.ms(estimator)
+    return {product: {"ms": min(by_route.values()), "route": min(by_route, key=by_route.get), "routes": by_route}
+            for product, by_route in routes.items()}
+
+
 def summarise(measured: dict, estimator: str, point, cell: str) -> dict:
     """Per pass: every variant's ms, the floor, the best mode, its ratio to the floor and speed-ups over peers."""
     batch, steps, size = point
     timings, gates = measured["timings"], measured["gates"]
-    matmul, copy = timings["matmul|floor"].ms(estimator), timings["copy|floor"].ms(estimator)
+    products = best_products(timings, estimator)
+    matmul, copy = products["forward"]["ms"], timings["copy|floor"].ms(estimator)
     flops = 2 * batch * steps * size * gates * size
     copied = 2 * batch * steps * gates * size * 4
     out = {"matmul_ms": matmul, "copy_ms": copy, "matmul_gflops": flops / matmul / 1e6,
-           "copy_gb_per_s": copied / copy / 1e6, "passes": {}}
+           "copy_gb_per_s": copied / copy / 1e6, "products": products, "passes": {}}
+    backward_products = sum(products.get(p, products["forward"])["ms"] for p in ("dx", "dw"))
     for pass_name in PASSES:
         times = {name.split("|")[0]: t.ms(estimator) for name, t in timings.items() if name.endswith(f"|{pass_name}")}
-        floor = (3 if pass_name == "fwd+bwd" else 1) * matmul + copy
+        floor = matmul + copy + (backward_products if pass_name == "fwd+bwd" else 0.0)
         modes = {n: v for n, v in times.items() if measured["kinds"].get(n) == "mode"}
         best = min(modes, key=modes.get) if modes else None
         entry = {"ms": times, "floor_ms": floor, "best_mode": best}

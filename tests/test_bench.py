@@ -41,8 +41,11 @@ def test_cells_tiny(tmp_path):
         p = first["passes"][pass_name]
         assert {"parallel", "sequential", "torch.nn.GRU"} <= set(p["ms"])
         assert p["best_mode"] in p["ms"] and p["best_over_floor"] > 0
-        assert p["floor_ms"] == pytest.approx((3 if pass_name == "fwd+bwd" else 1) * first["matmul_ms"]
-                                              + first["copy_ms"])
+        products = first["products"]
+        backward = products["dx"]["ms"] + products["dw"]["ms"] if pass_name == "fwd+bwd" else 0.0
+        assert p["floor_ms"] == pytest.approx(first["matmul_ms"] + backward + first["copy_ms"])
+    for product in first["products"].values():  # the floor takes the fastest route of each product
+        assert product["ms"] == min(product["routes"].values()) and "matmul" in product["routes"]
 
 
 def test_memory_tiny(tmp_path):

@@ -153,7 +153,10 @@ class RecurrentLayer(RecurrentLayerConfig):
                 self.cell, be.cast(u, compute), be.cast(self.recurrent, compute), be.cast(self.bias, compute),
                 h0, resets, self.newton, traced,
             )  # fmt: skip
-        y = traj[:, :, self.cell.output_index]
+        if self.cell.state_size == 1:  # a view whose backward is a view too (indexing would fill a zero gradient)
+            y = traj.reshape(traj.shape[0], traj.shape[1], traj.shape[3])
+        else:
+            y = traj[:, :, self.cell.output_index]
         if not traced and batch and not be.all_finite(y):
             raise FloatingPointError(
                 f"mode {entry.mode!r} produced NaN/inf from a finite input: check the layer's weights "

@@ -53,6 +53,16 @@ void parallel_items(int64_t items, int threads, Fn&& fn) {
 #endif
 }
 
+// Software prefetch of rows [R, N] (channels n0..n0+nb) a few steps ahead of the backward sweep: the hardware
+// prefetchers do not follow its descending, strided walk (512 B per row, rows a few KB apart). Measured at
+// B=4, T=2048, N=256 on 2 cores: the adjoint sweep 25-30% faster; the forward's ascending walk gains nothing.
+constexpr int64_t kPrefetchSteps = 8;
+template <int R, int Write, typename T>
+inline void prefetch_rows(const T* rows, int64_t N, int64_t nb) {
+    for (int r = 0; r < R; ++r)
+        for (int64_t j = 0; j < nb; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(rows + r * N + j, Write, 3);
+}
+
 template <typename T>
 struct Problem {
     const T* u;
@@ -112,6 +122,13 @@ void backward_item(const Problem<T>& pb, const T* traj, const T* grad, const T* 
         const T* ut = pb.u + ((b * steps + t) * G) * N + n0;
         const T* gt = grad + ((b * steps + t) * K) * N + n0;
         T* dut = du + ((b * steps + t) * G) * N + n0;
+        if (t >= kPrefetchSteps + 1) {
+            const int64_t ahead = b * steps + t - kPrefetchSteps;
+            prefetch_rows<G, 0>(pb.u + (ahead * G) * N + n0, N, nb);
+            prefetch_rows<K, 0>(traj + ((ahead - 1) * K) * N + n0, N, nb);
+            prefetch_rows<K, 0>(grad + (ahead * K) * N + n0, N, nb);
+            prefetch_rows<G, 1>(du + (ahead * G) * N + n0, N, nb);
+        }
 #pragma GCC ivdep
         for (int64_t j = 0; j < nb; ++j) {
             T s[K], g[G], p[P > 0 ? P : 1], lam[K], d_s[K], d_u[G], d_p[P > 0 ? P : 1];

@@ -14,10 +14,6 @@
 
 #include <mutex>
 #include <tuple>
-
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 #include <unordered_map>
 #include <vector>
 
@@ -97,22 +93,6 @@ CpuKernels cpu_kernels_of(const std::string& key) {
   return found->second;
 }
 
-// A fresh output of many megabytes is first touched by the sweep's threads; with 4 KiB pages that is one
-// fault per page, all taken inside the kernel (thousands per call, and they contend for the address space
-// lock). Asking for transparent huge pages on the whole 2 MiB pages of the buffer makes them a few dozen.
-// A hint only: without THP (or off Linux) nothing changes.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = start + t.nbytes();
-  const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 void check_cpu_dtype(const char* op, const at::Tensor& u) {
   TORCH_CHECK(u.scalar_type() == at::kFloat || u.scalar_type() == at::kDouble, op,
               ": the fused CPU kernels compute in float32 or float64, got ", u.scalar_type(),
@@ -134,7 +114,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
   at::Tensor iterations = at::zeros({in.batch, in.channels}, in.u.options().dtype(at::kInt));
   at::Tensor residual = at::zeros({in.batch, in.channels}, in.u.options().dtype(at::kFloat));
   if (traj.numel() == 0) return {traj, iterations, residual};
-  advise_huge_pages(traj);
   const int threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(in.u.scalar_type(), "pararnn_fused_forward_cpu", [&] {
     kernels.forward<scalar_t>()(in.u.data_ptr<scalar_t>(), in.recurrent.data_ptr<scalar_t>(),
@@ -166,7 +145,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
     d_bias.zero_();
     return {d_u, d_rec, d_bias, d_h0};
   }
-  advise_huge_pages(d_u);
   const int threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(in.u.scalar_type(), "pararnn_fused_backward_cpu", [&] {
     kernels.backward<scalar_t>()(

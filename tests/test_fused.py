@@ -195,6 +195,31 @@ def test_cpu_sweep_reports_exact_solve():
     assert (info.mode, info.iterations, info.residual, info.converged) == ("fused", None, None, True)
 
 
+def test_cpu_outputs_reuse_only_storage_nothing_holds():
+    """The op's megabyte outputs come from a pool: a trajectory still referenced (here through a view) is
+    never handed out again; once every reference is gone the next call reuses its storage."""
+    cell = get_cell("gru")
+    assert fused_unavailable_reason(cell, "cpu") is None
+    key = cell_key(cell)
+    torch.manual_seed(0)
+    u, recurrent = torch.randn(2, 4096, 3, 64), torch.randn(3, 64) * 0.5  # trajectory of 2 MiB
+
+    def forward(inputs):
+        return torch.ops.pararnn.fused_forward(inputs, recurrent, None, None, None, key, 1, 0.0, 1.0)[0]
+
+    first = forward(u)
+    kept_view = first[:, -1]  # a view keeps the storage alive
+    expected = kept_view.clone()
+    address = first.data_ptr()
+    del first
+    second = forward(u * 0.5)
+    assert second.data_ptr() != address and torch.equal(kept_view, expected)
+    del kept_view, second
+    third = forward(u)
+    assert third.data_ptr() == address  # nothing held it: reused
+    assert torch.equal(third[:, -1], expected)
+
+
 def test_availability_is_decided_once_per_cell_and_device(monkeypatch):
     cell = PeepholeCell()
     assert fused_unavailable_reason(cell, "cpu") is None

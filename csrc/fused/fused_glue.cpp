@@ -18,11 +18,17 @@
 #include <vector>
 
 #include "fused_glue.h"
+#include "output_pool.h"
 
 namespace pararnn {
 namespace {
 
 std::mutex registry_mutex;
+
+OutputPool& output_pool() {
+  static OutputPool pool;
+  return pool;
+}
 
 std::unordered_map<std::string, FusedCellShape>& shapes() {
   static std::unordered_map<std::string, FusedCellShape> table;
@@ -109,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_cpu(
       fused_operands("pararnn::fused_forward", shape, u_in, recurrent_in, bias_in, h0_in, resets_in);
   check_cpu_dtype("pararnn::fused_forward", in.u);
   const CpuKernels kernels = cpu_kernels_of(key);
-  at::Tensor traj = at::empty({in.batch, in.steps, shape.K, in.channels}, in.u.options());
+  at::Tensor traj = output_pool().empty({in.batch, in.steps, shape.K, in.channels}, in.u.options());
   // the sweep is exact: no Newton iterations, no residual
   at::Tensor iterations = at::zeros({in.batch, in.channels}, in.u.options().dtype(at::kInt));
   at::Tensor residual = at::zeros({in.batch, in.channels}, in.u.options().dtype(at::kFloat));
@@ -135,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_cpu(
   const at::Tensor traj = trajectory_operand(op, "traj", traj_in, in, shape.K);
   const at::Tensor grad = trajectory_operand(op, "grad", grad_in, in, shape.K);
   const CpuKernels kernels = cpu_kernels_of(key);
-  at::Tensor d_u = at::empty_like(in.u);
+  at::Tensor d_u = output_pool().empty(in.u.sizes(), in.u.options());
   at::Tensor d_rec = at::empty_like(in.recurrent);
   at::Tensor d_bias = at::empty({shape.G, in.channels}, in.u.options());
   at::Tensor d_h0 = at::zeros({in.batch, shape.K, in.channels}, in.u.options());

@@ -50,15 +50,20 @@ class TorchBackend:
     def run(self, module, x, mode: str | None, backward: bool) -> Callable[[], None]:
         """A closure: forward (no autograd graph) or forward + backward of mean(y^2) through ``module``."""
         torch = self.torch
-        if mode is not None:
-            module.mode = mode
+
+        # variants share one layer, so each closure sets its own mode when it runs
+        def use_mode():
+            if mode is not None:
+                module.mode = mode
 
         def forward():
+            use_mode()
             with torch.no_grad():
                 module(x)
             self.sync()
 
         def forward_backward():
+            use_mode()
             out = module(x)
             y = out[0] if isinstance(out, tuple) else out
             y.square().mean().backward()

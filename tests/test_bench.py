@@ -83,3 +83,20 @@ def test_unknown_backend_is_one_line_exit_2(tmp_path, capsys):
     assert main(["cells", "--preset", "tiny", "--backends", "torch-tpu", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "torch-tpu" in err[0] and "available" in err[0]
+
+
+@pytest.mark.parametrize("backend_name", ["torch-cpu", "mlx-cpu"])
+def test_each_variant_runs_its_own_mode(backend_name):
+    """Variants share one layer: a closure made before another mode's closure still runs its own mode."""
+    from pararnn_bench import backends
+
+    if backend_name == "mlx-cpu":
+        pytest.importorskip("mlx.core")
+    (backend,) = backends.present([backend_name])
+    layer = backend.layer("gru", 8)
+    x = backend.input(2, 16, 8)
+    closures = {(mode, backward): backend.run(layer, x, mode, backward) for mode in ("fused", "sequential")
+                for backward in (False, True)}  # fmt: skip
+    for mode, backward in [("fused", False), ("sequential", True), ("fused", True), ("sequential", False)]:
+        closures[mode, backward]()
+        assert layer.last_solve.mode == mode

@@ -40,6 +40,9 @@ class Preset:
     #: longest T per variant kind (the slow ones stop early)
     max_steps: dict = field(default_factory=dict)
     only_modes: tuple[str, ...] = ()  # empty: every available mode
+    #: longest T per backend (every variant): MLX's CPU matmul in mlx[cpu] on Linux runs at about
+    #: 1 GFLOP/s, so a T=2048 point there takes a minute of a quick run
+    backend_max_steps: dict = field(default_factory=dict)
 
     def points(self) -> list[tuple[int, int, int]]:
         points = [(self.batch, t, self.size) for t in self.steps]
@@ -51,7 +54,8 @@ class Preset:
 PRESETS = {
     # the batch and size sweeps are in "full"; here the slow variants stop at T=256
     "quick": Preset(steps=(256, 2048), batch=4, size=256, batches=(), sizes=(), sweep_at=256, repeats=5,
-                    max_steps={"sequential": 256, "compiled loop": 256, "parallel": 256, "kernel": 256}),
+                    max_steps={"sequential": 256, "compiled loop": 256, "parallel": 256, "kernel": 256},
+                    backend_max_steps={"mlx-cpu": 256}),
     "full": Preset(steps=tuple(2**k for k in range(6, 16)), batch=4, size=256, batches=(1, 16, 64), sizes=(64, 1024),
                    sweep_at=2048, repeats=7,
                    max_steps={"sequential": 4096, "compiled loop": 4096, "parallel": 2**15, "kernel": 2**15}),
@@ -149,6 +153,8 @@ def run(args, report: Report) -> int:
         compiled_loops: dict = {}
         for cell in cells:
             for point in preset.points():
+                if point[1] > preset.backend_max_steps.get(backend.name, 2**62):
+                    continue
                 report.console.print(f"[dim]{backend.name} {cell} B={point[0]} T={point[1]} N={point[2]} ...[/dim]")
                 measured = measure_point(backend, cell, point, preset, compiled_loops)
                 summary = summarise(measured, args.estimator, point, cell)

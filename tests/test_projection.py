@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pararnn_torch import ParaLSTM
-from pararnn_torch import projection
+from pararnn_torch import ParaLSTM, projection
 from pararnn_torch.projection import MIN_ONEDNN_ROWS, onednn_product, project_rows, uses_onednn
 
 

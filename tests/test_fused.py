@@ -10,29 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pararnn_core.cell import Cell, Normal, get_cell
+from pararnn_core.cell import Cell, get_cell
 from pararnn_core.newton import NewtonConfig, NewtonConvergenceError, NewtonConvergenceWarning
 from pararnn_torch import ParaRNN, fused
 from pararnn_torch.fused import cell_key, fused_unavailable_reason, solve_fused
 from pararnn_torch.modes import unavailable_modes
+from pararnn_torch.selftest import SelftestCell
 from pararnn_torch.solver import solve_sequential
 
-
-class PeepholeCell(Cell):
-    """Defined only here: a K=2 cell (state r, h) with softplus and exp, so fused kernels are truly generated."""
-
-    name = "test_fused_peephole"
-    gates = ("i", "c", "o")
-    state = ("r", "h")
-    params = {"a": Normal(0.2), "b": Normal(0.2), "d": Normal(0.2)}
-
-    def step(self, ops, s, u, p):
-        keep = ops.exp(-ops.softplus(u.i + p.a * s.h))
-        r = keep * s.r + (1 - keep) * ops.tanh(u.c + p.b * s.r)
-        return r, ops.sigmoid(u.o + p.d * r) * ops.tanh(r)
-
-
-CELLS = ["gru", "lstm", "mgu", PeepholeCell()]
+CELLS = ["gru", "lstm", "mgu", SelftestCell()]
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-11)}
 
 
@@ -221,7 +207,7 @@ def test_cpu_outputs_reuse_only_storage_nothing_holds():
 
 
 def test_availability_is_decided_once_per_cell_and_device(monkeypatch):
-    cell = PeepholeCell()
+    cell = SelftestCell()
     assert fused_unavailable_reason(cell, "cpu") is None
 
     def fail(*_):

@@ -22,6 +22,7 @@ import torch
 
 from pararnn_core.cell import get_cell
 from pararnn_core.codegen import cell_sources
+from pararnn_torch.selftest import SelftestCell
 from pararnn_torch.solver import solve_sequential
 from tests.emulation.harness import (
     CSRC,
@@ -31,7 +32,6 @@ from tests.emulation.harness import (
     have_compiler,
     reset_access_report,
 )
-from tests.test_fused import PeepholeCell
 
 pytestmark = pytest.mark.skipif(not have_compiler(), reason="the emulator needs g++")
 
@@ -43,7 +43,7 @@ def _launch_constant(name: str) -> int:
 
 
 TILE = _launch_constant("kGroups") * _launch_constant("kChunk")
-CELLS = {c if isinstance(c, str) else c.name: get_cell(c) for c in ["gru", "lstm", "mgu", PeepholeCell()]}
+CELLS = {c if isinstance(c, str) else c.name: get_cell(c) for c in ["gru", "lstm", "mgu", SelftestCell()]}
 _ARRAY = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "bf16": np.uint16}
 
 
@@ -136,7 +136,7 @@ def run_fused(cell_name, dtype, pb, max_its=12, tol=None, damping=1.0):
 _TOLERANCE = {"f32": 2e-4, "f64": 1e-9, "f16": 3e-2, "bf16": 1.5e-1}
 CASES = (
     [(name, "f32", steps) for name in CELLS for steps in (1, TILE + 13)]
-    + [(name, "f64", 2 * TILE + 5) for name in ("lstm", PeepholeCell.name)]
+    + [(name, "f64", 2 * TILE + 5) for name in ("lstm", SelftestCell.name)]
     + [(name, dtype, TILE + 5) for name in ("gru", "lstm") for dtype in ("f16", "bf16")]
 )
 
@@ -203,7 +203,7 @@ def _cuda_home():
 @pytest.mark.skipif(shutil.which("nvcc") is None or _cuda_home() is None, reason="nvcc / CUDA toolkit not installed")
 def test_fused_cuda_sources_compile_with_nvcc(tmp_path):
     """csrc/fused/fused_cuda.cu (built-in cells) plus the test-local cell, fp32/fp64/fp16/bf16, for sm_80."""
-    user = PeepholeCell()
+    user = SelftestCell()
     unit = tmp_path / "fused_all.cu"
     instantiate = f"PR_FUSED_CUDA_CELL({user.name}, pr_cell_{user.name})"
     unit.write_text(f'#include "fused_cuda.cu"\n{cell_sources(user).text("cuda")}\n{instantiate}\n')

@@ -11,12 +11,12 @@ from pararnn_core.cell import get_cell  # noqa: E402
 from pararnn_mlx import ParaRNN  # noqa: E402
 from pararnn_mlx.fused import solve_fused  # noqa: E402
 from pararnn_mlx.solver import solve_sequential  # noqa: E402
-from tests.test_fused import PeepholeCell  # noqa: E402
+from pararnn_torch.selftest import SelftestCell  # noqa: E402
 
 pytestmark = pytest.mark.skipif(mx.default_device().type != mx.cpu, reason="the MLX fused CPU path needs mx.cpu")
 
 
-@pytest.mark.parametrize("cell", ["gru", "lstm", PeepholeCell()], ids=lambda c: getattr(c, "name", c))
+@pytest.mark.parametrize("cell", ["gru", "lstm", SelftestCell()], ids=lambda c: getattr(c, "name", c))
 @pytest.mark.parametrize("steps, with_resets", [(1, False), (37, True), (300, True)])
 def test_mlx_fused_equals_sequential(cell, steps, with_resets):
     cell = get_cell(cell)

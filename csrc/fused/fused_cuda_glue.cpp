@@ -30,10 +30,10 @@ std::map<std::pair<std::string, int64_t>, FusedCudaCell>& cuda_cells() {
 }
 
 FusedCudaCell with_shape(FusedCudaCell cell, at::IntArrayRef shape, const char* op) {
-  TORCH_CHECK(shape.size() == 3, op, ": shape must be [K, G, P], got ", shape.size(), " entries");
-  cell.K = static_cast<int>(shape[0]);
-  cell.G = static_cast<int>(shape[1]);
-  cell.P = static_cast<int>(shape[2]);
+  const FusedCellShape sizes = fused_shape_from(op, shape);
+  cell.K = static_cast<int>(sizes.K);
+  cell.G = static_cast<int>(sizes.G);
+  cell.P = static_cast<int>(sizes.P);
   return cell;
 }
 

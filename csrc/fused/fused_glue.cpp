@@ -73,10 +73,10 @@ Fn to_function(int64_t address) {
 
 // functions: addresses of pr_fused_forward_f32, pr_fused_forward_f64, pr_fused_backward_f32, pr_fused_backward_f64
 void register_cpu(const std::string& key, at::IntArrayRef shape, at::IntArrayRef functions) {
-  TORCH_CHECK(shape.size() == 3, "pararnn::fused_register_cpu: shape must be [K, G, P], got ", shape);
+  const FusedCellShape sizes = fused_shape_from("pararnn::fused_register_cpu", shape);
   TORCH_CHECK(functions.size() == 4, "pararnn::fused_register_cpu: expected 4 kernel addresses (forward f32, f64, "
               "backward f32, f64), got ", functions.size());
-  register_fused_shape(key, FusedCellShape{shape[0], shape[1], shape[2]});
+  register_fused_shape(key, sizes);
   CpuKernels kernels;
   kernels.forward_f32 = to_function<CpuForward<float>>(functions[0]);
   kernels.forward_f64 = to_function<CpuForward<double>>(functions[1]);
@@ -169,6 +169,11 @@ std::string describe(at::IntArrayRef sizes) {
 }
 
 }  // namespace
+
+FusedCellShape fused_shape_from(const char* op, at::IntArrayRef shape) {
+  TORCH_CHECK(shape.size() == 3, op, ": shape must be [K, G, P], got ", shape.size(), " entries");
+  return FusedCellShape{shape[0], shape[1], shape[2]};
+}
 
 void register_fused_shape(const std::string& key, const FusedCellShape& shape) {
   TORCH_CHECK(shape.K >= 1 && shape.G >= 1 && shape.P >= 0, "pararnn fused: invalid cell sizes K=", shape.K,

@@ -20,6 +20,9 @@ struct FusedCellShape {
   int64_t K = 0, G = 0, P = 0;
 };
 
+// The sizes [K, G, P] a registration passes from Python, checked (op names the caller in the error).
+FusedCellShape fused_shape_from(const char* op, at::IntArrayRef shape);
+
 // Records the sizes of the cell behind key (the same key must always name the same sizes).
 void register_fused_shape(const std::string& key, const FusedCellShape& shape);
 FusedCellShape fused_shape(const std::string& key);

@@ -24,11 +24,14 @@ class Preset:
     batch: int
     size: int
     max_steps: dict = field(default_factory=dict)
+    #: longest T per backend (every variant); MLX's CPU matmul in mlx[cpu] on Linux is slow (about 1 GFLOP/s)
+    backend_max_steps: dict = field(default_factory=dict)
 
 
 PRESETS = {
     "quick": Preset(steps=(256, 1024, 4096), batch=4, size=256,
-                    max_steps={"sequential": 1024, "compiled loop": 256, "kernel": 0}),
+                    max_steps={"sequential": 256, "compiled loop": 256, "kernel": 0},
+                    backend_max_steps={"mlx-cpu": 1024}),
     "full": Preset(steps=tuple(2**k for k in range(8, 16)), batch=4, size=256,
                    max_steps={"sequential": 8192, "compiled loop": 4096}),
     "tiny": Preset(steps=(16, 64), batch=2, size=16, max_steps={"compiled loop": 0, "kernel": 0}),
@@ -60,6 +63,8 @@ def run(args, report: Report) -> int:
         for cell in args.cells:
             layer = backend.layer(cell, preset.size)
             for steps in preset.steps:
+                if steps > preset.backend_max_steps.get(backend.name, 2**62):
+                    continue
                 x = backend.input(preset.batch, steps, preset.size)
                 for name, module, mode in _variants(backend, layer, cell, preset.size, preset, steps, loops):
                     report.console.print(f"[dim]{backend.name} {cell} {name} T={steps} ...[/dim]")

@@ -50,9 +50,18 @@ def process_peak_supported() -> str | None:
 
 
 def process_peak(fn: Callable[[], object]) -> int:
-    """Bytes the process's resident set rose above its level at the start while ``fn`` ran."""
+    """Bytes the process's resident set rose above its level at the start while ``fn`` ran.
+
+    The fused CPU ops' pool of reusable outputs is emptied first, so what a call needs counts in its peak.
+    """
+    from pararnn_torch.fused import release_cpu_outputs
+
     _configure_malloc()
     gc.collect()
+    release_cpu_outputs()
+    # free memory parked in glibc's per-thread arenas (torch's worker threads allocate there) stays resident,
+    # so a later call reusing it would not show in the resident set: hand it back first
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # peak resident set := current resident set
     start = _status_kb("VmRSS")

@@ -155,6 +155,16 @@ def _probe(cell: Cell, key: str, device: torch.device):
         raise RuntimeError(f"the fused CUDA kernels of cell {cell.name!r} computed non-finite values on {device}")
 
 
+def release_cpu_outputs():
+    """Frees the storage the fused CPU ops keep for reuse (their trajectories and dL/du) that no tensor holds.
+
+    The ops keep it so the next training step does not first-touch fresh pages; call this when done
+    training, or before measuring memory, to hand it back.
+    """
+    if _ext.has_op("fused_release_cpu_outputs"):
+        torch.ops.pararnn.fused_release_cpu_outputs()
+
+
 # -- fake implementations and autograd of the C++ ops ---------------------------------
 
 

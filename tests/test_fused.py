@@ -204,6 +204,9 @@ def test_cpu_outputs_reuse_only_storage_nothing_holds():
     third = forward(u)
     assert third.data_ptr() == address  # nothing held it: reused
     assert torch.equal(third[:, -1], expected)
+    fused.release_cpu_outputs()  # storage in use stays: neither freed nor handed out again
+    fourth = forward(u * 0.5)
+    assert fourth.data_ptr() != address and torch.equal(third[:, -1], expected)
 
 
 def test_availability_is_decided_once_per_cell_and_device(monkeypatch):

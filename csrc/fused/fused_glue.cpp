@@ -253,6 +253,8 @@ TORCH_LIBRARY_FRAGMENT(pararnn, m) {
   // registration of a cell's CPU kernels: key, [K, G, P], addresses of its library's four entry points
   m.def("fused_register_cpu(str cell_key, int[] shape, int[] functions) -> ()", &pararnn::register_cpu);
   m.def("fused_has_cpu(str cell_key) -> bool", &pararnn::has_cpu);
+  // drops the CPU output pool's storage that no tensor uses (csrc/fused/output_pool.h)
+  m.def("fused_release_cpu_outputs() -> ()", [] { pararnn::output_pool().release_unused(); });
 }
 
 TORCH_LIBRARY_IMPL(pararnn, CPU, m) {

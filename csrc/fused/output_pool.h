@@ -37,6 +37,15 @@ class OutputPool {
     return out;
   }
 
+  // Forgets every kept storage no tensor uses (before a memory measurement, or when done training).
+  void release_unused() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<c10::Storage> in_use;
+    for (c10::Storage& kept : kept_)
+      if (kept.use_count() > 1) in_use.push_back(std::move(kept));
+    kept_ = std::move(in_use);
+  }
+
  private:
   static constexpr int64_t kMinBytes = int64_t(1) << 20;  // smaller buffers come from malloc's free lists
   static constexpr size_t kMaxKept = 64;                    // e.g. every layer's trajectory of a deep stack

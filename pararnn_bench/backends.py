@@ -93,7 +93,7 @@ class TorchBackend:
         where this CPU favours it. The floor takes the fastest route of each product.
         """
         torch = self.torch
-        from pararnn_torch.projection import onednn_available, onednn_product
+        from pararnn_torch.projection import onednn_available, onednn_backward_products, onednn_product
 
         rows = torch.randn(batch * steps, size, device=self.device)
         weight = torch.randn(size, gates * size, device=self.device)
@@ -109,17 +109,9 @@ class TorchBackend:
             "copy": lambda: target.copy_(grad),
         }
         if self.device.type == "cpu" and onednn_available():
-            image = rows.view(1, -1, 1, size).permute(0, 3, 1, 2)
-            filters = weight.t().reshape(gates * size, size, 1, 1)
-            grad_image = grad.view(1, -1, 1, gates * size).permute(0, 3, 1, 2)
-
-            def backward_product(mask):
-                return lambda: torch.ops.aten.convolution_backward(
-                    grad_image, image, filters, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask)
-
             parts["forward@onednn"] = lambda: onednn_product(rows, weight)
-            parts["dx@onednn"] = backward_product([True, False, False])
-            parts["dw@onednn"] = backward_product([False, True, False])
+            parts["dx@onednn"] = lambda: onednn_backward_products(rows, weight, grad, [True, False])
+            parts["dw@onednn"] = lambda: onednn_backward_products(rows, weight, grad, [False, True])
 
         def synced(fn):
             def run():

@@ -49,12 +49,28 @@ def uses_onednn(rows: int, x: torch.Tensor) -> bool:
     )
 
 
+def _image(rows: torch.Tensor) -> torch.Tensor:
+    """rows [R, C] as the image [1, C, R, 1] with channels-last strides (a view)."""
+    return rows.view(1, rows.shape[0], 1, rows.shape[1]).permute(0, 3, 1, 2)
+
+
+def _filters(weight: torch.Tensor) -> torch.Tensor:
+    """weight [D, M] as the 1x1 filters [M, D, 1, 1]."""
+    return weight.t().reshape(weight.shape[1], weight.shape[0], 1, 1)
+
+
 def onednn_product(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """rows [R, D] x weight [D, M] as a 1x1 channels-last convolution (differentiable in both)."""
-    count, size = rows.shape
-    image = rows.view(1, count, 1, size).permute(0, 3, 1, 2)  # [1, D, R, 1], channels-last strides
-    filters = weight.t().reshape(weight.shape[1], size, 1, 1)  # [M, D, 1, 1]
-    return F.conv2d(image, filters).permute(0, 2, 3, 1).reshape(count, weight.shape[1])
+    out = F.conv2d(_image(rows), _filters(weight))  # [1, M, R, 1], channels-last
+    return out.permute(0, 2, 3, 1).reshape(rows.shape[0], weight.shape[1])
+
+
+def onednn_backward_products(rows: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, mask: list[bool]):
+    """The backward of :func:`onednn_product` for output gradient grad [R, M]: (d_rows image or None,
+    d_weight filters or None) as ``mask`` = [rows?, weight?] asks (what autograd runs, callable alone)."""
+    d_image, d_filters, _ = torch.ops.aten.convolution_backward(
+        _image(grad), _image(rows), _filters(weight), None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [*mask, False])
+    return d_image, d_filters
 
 
 def project_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

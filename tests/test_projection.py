@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from pararnn_torch import ParaLSTM, projection
-from pararnn_torch.projection import MIN_ONEDNN_ROWS, onednn_product, project_rows, uses_onednn
+from pararnn_torch.projection import (
+    MIN_ONEDNN_ROWS,
+    onednn_backward_products,
+    onednn_product,
+    project_rows,
+    uses_onednn,
+)
 
 
 def test_onednn_product_and_its_gradients_equal_the_matmul():
@@ -22,6 +28,11 @@ def test_onednn_product_and_its_gradients_equal_the_matmul():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(d_rows, ref_rows, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(d_weight, ref_weight, rtol=1e-5, atol=1e-4)
+    # the backward products alone (as the bench's floor times them) are autograd's
+    d_image, _ = onednn_backward_products(rows.detach(), weight.detach(), grad, [True, False])
+    _, d_filters = onednn_backward_products(rows.detach(), weight.detach(), grad, [False, True])
+    torch.testing.assert_close(d_image.permute(0, 2, 3, 1).reshape(300, 48), ref_rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(d_filters.reshape(96, 48).t(), ref_weight, rtol=1e-5, atol=1e-4)
 
 
 def test_route_needs_enough_float32_cpu_rows(monkeypatch):

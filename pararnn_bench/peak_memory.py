@@ -15,18 +15,18 @@ import ctypes
 import gc
 import sys
 from collections.abc import Callable
+from functools import lru_cache
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_malloc_configured = False
 
 
-def _configure_malloc():
-    global _malloc_configured
-    if not _malloc_configured:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-        libc.mallopt(_M_TRIM_THRESHOLD, 0)
-        _malloc_configured = True
+@lru_cache(maxsize=1)
+def _libc():
+    """glibc, told once to serve blocks over 64 KiB by mmap and to give freed memory back at once."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    libc.mallopt(_M_TRIM_THRESHOLD, 0)
+    return libc
 
 
 def _status_kb(field: str) -> int:
@@ -56,12 +56,12 @@ def process_peak(fn: Callable[[], object]) -> int:
     """
     from pararnn_torch.fused import release_cpu_outputs
 
-    _configure_malloc()
+    libc = _libc()
     gc.collect()
     release_cpu_outputs()
     # free memory parked in glibc's per-thread arenas (torch's worker threads allocate there) stays resident,
     # so a later call reusing it would not show in the resident set: hand it back first
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    libc.malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # peak resident set := current resident set
     start = _status_kb("VmRSS")

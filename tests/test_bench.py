@@ -100,3 +100,26 @@ def test_each_variant_runs_its_own_mode(backend_name):
     for mode, backward in [("fused", False), ("sequential", True), ("fused", True), ("sequential", False)]:
         closures[mode, backward]()
         assert layer.last_solve.mode == mode
+
+
+def test_torch_cpu_peak_counts_memory_an_earlier_call_freed():
+    """A small training step measured after a large unmeasured one (a warm-up) still shows its own peak:
+    glibc kept the large step's freed memory in its arenas and the small one read 0 before."""
+    import torch
+
+    from pararnn_bench.peak_memory import process_peak, process_peak_supported
+
+    if process_peak_supported() is not None:
+        pytest.skip(process_peak_supported())
+
+    def step(steps):
+        torch.manual_seed(0)
+        gru = torch.nn.GRU(256, 256, batch_first=True)
+        x = torch.randn(4, steps, 256, requires_grad=True)
+        return lambda: gru(x)[0].square().mean().backward()
+
+    process_peak(lambda: None)  # glibc set up as after an earlier measurement
+    step(2048)()
+    small = step(256)
+    small()
+    assert process_peak(small) > 5 * 2**20

@@ -6,7 +6,8 @@
   ``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set at the
   start. glibc is first told to serve every block over 64 KiB with its own mmap and
   to give freed memory back at once, so freed tensors leave the resident set and
-  the next call's peak is its own.
+  the next call's peak is its own. That setting stays for the rest of the process and makes
+  large allocations slower, so a benchmark takes its timings before its first such measurement.
 """
 
 from __future__ import annotations

@@ -69,6 +69,23 @@ def test_generate_tiny(tmp_path):
     assert (out / "generate.png").exists()
 
 
+def test_generate_torch_times_before_measuring_memory(tmp_path, monkeypatch):
+    """The torch CPU peak measurement leaves glibc mmapping every block over 64 KiB (slow); no timing may follow it."""
+    import pararnn_bench.generate as generate
+    from pararnn_bench.peak_memory import process_peak_supported
+
+    if process_peak_supported():
+        pytest.skip(process_peak_supported())
+    events = []
+    timed, measured = generate.compare, generate.process_peak
+    monkeypatch.setattr(generate, "compare", lambda *a, **k: events.append("time") or timed(*a, **k))
+    monkeypatch.setattr(generate, "process_peak", lambda fn: events.append("peak") or measured(fn))
+    payload, _ = _run(tmp_path, "generate", "--backends", "torch-cpu")
+    assert events.count("peak") == 2 and "time" not in events[events.index("peak"):], events
+    (torch_rows,) = payload["results"]["decode"].values()
+    assert all(row["peak_bytes"] is not None and row["tokens_per_s"] > 0 for row in torch_rows.values())
+
+
 def test_newton_tiny(tmp_path):
     payload, _ = _run(tmp_path, "newton", "--cells", "gru")
     runs = payload["results"]["runs"]

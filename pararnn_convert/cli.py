@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--q-bits", type=int, choices=(4, 8), default=4)
     m.add_argument("--q-group-size", type=int, choices=(32, 64, 128), default=64)
     m.add_argument("--tokenizer", help="a Hugging Face tokenizer.json to ship instead of the source's")
+    m.add_argument("--chat-template", metavar="FILE",
+                   help="a Jinja chat template for mlx_lm.chat and the server (replaces the tokenizer's)")
     m.add_argument("--force", action="store_true", help="overwrite --out")
     m.add_argument("--trust-remote-code", action="store_true",
                    help="allow importing the user cell's module named in the source's config.json (runs its code)")
@@ -74,6 +76,7 @@ def _convert(args) -> int:
         summary = to_mlx(
             args.model, args.out, args.dtype, args.quantize, args.q_bits, args.q_group_size,
             args.tokenizer, args.force, trust_remote_code=args.trust_remote_code,
+            chat_template_file=args.chat_template,
         )
         quant = f", {args.q_bits}-bit quantized (group {args.q_group_size})" if args.quantize else ""
         print(f"converted {args.model} -> MLX ({args.dtype}{quant})")

@@ -8,7 +8,7 @@ from pathlib import Path
 from pararnn_convert.model_file import MODEL_FILE, MODEL_FILE_SOURCE
 from pararnn_core import checkpoint, safe_folder
 from pararnn_core.lm_config import LMConfig
-from pararnn_core.tokenizer import TextTokenizer
+from pararnn_core.tokenizer import TextTokenizer, load_chat_template
 
 DTYPES = ("float16", "bfloat16", "float32")
 Q_BITS = (4, 8)
@@ -31,9 +31,12 @@ def to_mlx(
     tokenizer_file=None,
     force: bool = False,
     trust_remote_code: bool = False,
+    chat_template_file=None,
 ) -> checkpoint.WriteSummary:
     """Convert; every check runs before anything is written, under the lock of ``out``.
-    ``trust_remote_code``: allow importing the user cell's ``cell_module`` named by the source."""
+    ``trust_remote_code``: allow importing the user cell's ``cell_module`` named by the source.
+    ``chat_template_file``: a Jinja template to save as the tokenizer's chat template (mlx_lm.chat, the server's
+    /v1/chat/completions), replacing the source's."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if quantize and q_bits not in Q_BITS:
@@ -45,10 +48,10 @@ def to_mlx(
     with safe_folder.FolderLock(out, "pararnn-convert to-mlx"):
         checkpoint.check_writable(out, force)
         LMConfig.load(src, trust_remote_code=trust_remote_code)  # registers a trusted user cell first
-        return _convert(src, out, dtype, quantize, q_bits, q_group_size, tokenizer_file, force)
+        return _convert(src, out, dtype, quantize, q_bits, q_group_size, tokenizer_file, chat_template_file, force)
 
 
-def _convert(src: Path, out: Path, dtype, quantize, q_bits, q_group_size, tokenizer_file, force):
+def _convert(src: Path, out: Path, dtype, quantize, q_bits, q_group_size, tokenizer_file, chat_template_file, force):
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
@@ -65,6 +68,8 @@ def _convert(src: Path, out: Path, dtype, quantize, q_bits, q_group_size, tokeni
         raise ValueError(
             f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {config.vocab_size}"
         )
+    if chat_template_file:
+        tokenizer = tokenizer.with_chat_template(load_chat_template(chat_template_file, tokenizer.special_tokens()))
 
     model = Model(ModelArgs(config))
     weights = {}

@@ -26,6 +26,59 @@ BYTE_CHAT_TEMPLATE = (
 )
 
 
+#: a template is a few KB; a larger file is not one (e.g. a tokenizer.json passed by mistake)
+MAX_CHAT_TEMPLATE_BYTES = 1 << 20
+_SAMPLE_CONVERSATION = [
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3 + 3?"},
+]
+
+
+def load_chat_template(path, special_tokens: dict | None = None) -> str:
+    """A Jinja chat template read from ``path`` and checked the way mlx-lm and transformers will run it: it
+    compiles in a sandboxed environment and renders a sample conversation that it does not drop."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"chat template {path} not found (expected a Jinja template file)")
+    if path.stat().st_size > MAX_CHAT_TEMPLATE_BYTES:
+        raise ValueError(f"{path} is {path.stat().st_size:,} bytes: not a chat template "
+                         f"(expected a Jinja template of at most {MAX_CHAT_TEMPLATE_BYTES:,} bytes)")
+    try:
+        template = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): expected a Jinja chat template") from None
+    _check_renders(template, _SAMPLE_CONVERSATION, special_tokens or {}, source=str(path))
+    return template
+
+
+def _check_renders(template: str, messages: list[dict], special_tokens: dict, source: str):
+    """``template`` applied to ``messages`` as transformers' ``apply_chat_template`` does (sandboxed Jinja, blocks
+    trimmed, ``raise_exception`` defined) writes every message's content; errors name ``source`` and the line."""
+    try:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ImportError("chat templates need jinja2 (pip install jinja2)") from None
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                **{k: v or "" for k, v in special_tokens.items()})
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise ValueError(f"{source}: line {e.lineno}: {e.message} (not a valid Jinja chat template)") from None
+    except jinja2.exceptions.TemplateError as e:
+        raise ValueError(f"{source} fails on a sample conversation (user, assistant, user): {e}") from None
+    missing = [m["content"] for m in messages if m["content"] not in text]
+    if missing:
+        raise ValueError(f"{source} leaves the messages' content out of what it renders (no {missing[0]!r}): "
+                         f"a chat template must write each message's content")
+
+
 @lru_cache(maxsize=1)
 def _byte_to_unicode() -> dict[int, str]:
     """The printable-character alphabet of byte-level BPE (bytes -> visible unicode characters),
@@ -109,6 +162,14 @@ class TextTokenizer:
                 f"and {TOKENIZER_CONFIG_FILE})"
             )
         return cls.from_file(path)
+
+    def with_chat_template(self, template: str) -> TextTokenizer:
+        """This tokenizer, saved with ``template`` as its ``tokenizer_config.json`` chat template."""
+        return TextTokenizer(self.tokenizer, {**self.config, "chat_template": template}, is_bytes=self.is_bytes)
+
+    def special_tokens(self) -> dict[str, str | None]:
+        """The special tokens a chat template may refer to by name."""
+        return {name: self.config.get(name) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
     # -- use ------------------------------------------------------------------------------
     @property

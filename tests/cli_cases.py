@@ -50,6 +50,14 @@ def torch_checkpoint(tmp: Path):
     tiny_checkpoint(tmp / "src")
 
 
+def bad_chat_templates(tmp: Path):
+    torch_checkpoint(tmp)
+    (tmp / "syntax.jinja").write_text("{% for m in messages %}\n{{ m['content'] }\n")
+    (tmp / "drops.jinja").write_text("{% for m in messages %}{{ m['role'] }}: ...\n{% endfor %}")
+    (tmp / "raises.jinja").write_text("{{ raise_exception('only one user message, please') }}")
+    (tmp / "latin1.jinja").write_bytes(b"{{ messages[0]['content'] }} caf\xe9")
+
+
 def existing_out(tmp: Path):
     torch_checkpoint(tmp)
     (tmp / "out").mkdir()
@@ -125,6 +133,22 @@ CASES = [
          "no space left on device", setup=torch_checkpoint, fault="enospc", backends=("mlx",)),
     Case("to-mlx-locked", "convert", ["to-mlx", "--model", "{tmp}/src", "--out", "{tmp}/out"],
          "is in use by lock-holder (pid", setup=torch_checkpoint, fault="locked", backends=("mlx",)),
+    Case("to-mlx-chat-template-missing", "convert", ["to-mlx", "--model", "{tmp}/src", "--out", "{tmp}/out",
+                                                     "--chat-template", "{tmp}/none.jinja"],
+         "none.jinja not found (expected a Jinja template file)", setup=torch_checkpoint, backends=("mlx",)),
+    Case("to-mlx-chat-template-syntax", "convert", ["to-mlx", "--model", "{tmp}/src", "--out", "{tmp}/out",
+                                                    "--chat-template", "{tmp}/syntax.jinja"],
+         "syntax.jinja: line 2: unexpected '}'", setup=bad_chat_templates, backends=("mlx",)),
+    Case("to-mlx-chat-template-drops", "convert", ["to-mlx", "--model", "{tmp}/src", "--out", "{tmp}/out",
+                                                   "--chat-template", "{tmp}/drops.jinja"],
+         "leaves the messages' content out", setup=bad_chat_templates, backends=("mlx",)),
+    Case("to-mlx-chat-template-raises", "convert", ["to-mlx", "--model", "{tmp}/src", "--out", "{tmp}/out",
+                                                    "--chat-template", "{tmp}/raises.jinja"],
+         "fails on a sample conversation (user, assistant, user): only one user message", setup=bad_chat_templates,
+         backends=("mlx",)),
+    Case("to-mlx-chat-template-not-utf8", "convert", ["to-mlx", "--model", "{tmp}/src", "--out", "{tmp}/out",
+                                                      "--chat-template", "{tmp}/latin1.jinja"],
+         "is not UTF-8 text (byte 32)", setup=bad_chat_templates, backends=("mlx",)),
     # pararnn-convert from-apple
     Case("from-apple-non-tensor", "convert", ["from-apple", "--checkpoint", "{tmp}/apple.pt", "--out", "{tmp}/out"],
          "'cell.A' holds a str, expected a tensor", setup=apple_non_tensor),

@@ -203,6 +203,31 @@ def test_user_tokenizer_is_carried_through_conversion(folders, tmp_path):
     assert tokenizer.encode("ab") == [vocab["a"], vocab["b"]]
 
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chat_template_file_is_shipped_and_used_by_mlx_lm(folders, tmp_path):
+    from mlx_lm.utils import load as mlx_lm_load
+
+    _, root = folders
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    out = tmp_path / "o"
+    assert convert_main(["to-mlx", "--model", str(root / "torch"), "--out", str(out), "--chat-template",
+                         str(tmp_path / "chatml.jinja")]) == 0
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+    _, tokenizer = mlx_lm_load(str(out), trust_remote_code=True)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    # without the flag, the byte tokenizer's own transcript template
+    _, default = load(root / "mlx")
+    assert default.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        "system: Be brief.\nuser: hi\nassistant:"
+
+
 def test_from_apple_import_matches_the_layer(tmp_path, capsys):
     from pararnn_torch import ParaLSTM
 

@@ -148,6 +148,16 @@ def test_every_task_trains_a_few_steps_and_writes_the_json(task, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
+def test_task_parameter_and_vocabulary_overrides_reach_the_data():
+    from pararnn_torch.tasks.cli import build_parser, settings_from_args
+
+    args = build_parser().parse_args(["keepnth", "--preset", "cpu", "--task-param", "3", "--vocab-size", "16"])
+    task = settings_from_args(args).task_settings
+    assert (task.param, task.vocab_size, task.seq_len) == (3, 16, 100)
+    inputs, targets = generate(task, 4, seed=0)
+    assert inputs.max() < 16 and (targets[:, 2] == inputs[:, 2]).all() and (targets[:, 5] == inputs[:, 5]).all()
+
+
 def test_user_cell_through_cell_module(tmp_path):
     out = tmp_path / "r.json"
     # parallel mode: no fused kernel to compile for this cell
@@ -165,6 +175,9 @@ def test_user_cell_through_cell_module(tmp_path):
     (["parity", "--steps", "0"], "--steps must be at least 1"),
     (["parity", "--json", "/no/such/dir/out.json"], "does not exist"),
     (["parity", "--mode", "fast"], "--mode must be one of"),
+    (["keepnth", "--task-param", "100"], "keepnth needs n < seq_len, got n=100, seq_len=100"),
+    (["parity", "--vocab-size", "3"], "parity reads bits: vocab_size must be 2, got 3"),
+    (["mqar", "--task-param", "40", "--vocab-size", "64"], "mqar needs vocab_size >= 2*kappa"),
 ])
 def test_cli_errors_are_one_line_with_status_2(argv, message, capsys):
     assert main(argv) == 2

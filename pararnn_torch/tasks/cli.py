@@ -34,7 +34,9 @@ DEFAULT_MODELS = ("paragru", "paralstm", "linear", "transformer")
 _OVERRIDES = {
     "seq_len": int, "train_samples": int, "test_samples": int, "batch_size": int, "steps": int, "lr": float,
     "eval_every": int, "eval_samples": int, "stop_at": float, "data_seed": int, "mode": str,
+    "vocab_size": int, "task_param": int,
 }
+_OVERRIDE_HELP = {"task_param": "override the preset's task parameter: kappa (mqar), k (khop), n (keepnth)"}
 
 
 class UsageError(Exception):
@@ -52,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module to import that registers a user cell (repeatable)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (init and batch order)")
     for name, kind in _OVERRIDES.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=f"override the preset's {name}")
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=_OVERRIDE_HELP.get(name, f"override the preset's {name}"))
     p.add_argument("--json", type=Path, help="write the results here (and a PNG next to it unless --png)")
     p.add_argument("--png", type=Path, help="accuracy-vs-step plot (default: the --json path with .png)")
     p.add_argument("--jobs", type=int, default=None,
@@ -69,9 +72,11 @@ def settings_from_args(args) -> RunSettings:
     if "lr" in changes:
         changes["model_lr"] = ()  # --lr sets every model's learning rate
     try:
-        return settings.replace(**changes) if changes else settings
+        settings = settings.replace(**changes) if changes else settings
+        settings.task_settings  # noqa: B018 - checks the task's length, vocabulary and parameter together
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    return settings
 
 
 def import_cell_modules(modules):

@@ -158,6 +158,25 @@ def test_task_parameter_and_vocabulary_overrides_reach_the_data():
     assert inputs.max() < 16 and (targets[:, 2] == inputs[:, 2]).all() and (targets[:, 5] == inputs[:, 5]).all()
 
 
+@pytest.mark.parametrize("task", ["parity", "keepnth"])
+def test_stacked_layers_repeat_the_block(task):
+    from pararnn_torch.tasks.trainer import build_model
+
+    settings = preset_settings(task, "cpu")
+    one, two = build_model("paragru", settings), build_model("paragru", settings.replace(layers=2))
+    embed_and_head = sum(p.numel() for m in (one.embed, one.head) for p in m.parameters())
+    extra = sum(p.numel() for p in two.parameters()) - sum(p.numel() for p in one.parameters())
+    if task == "parity":  # mixer only: the second mixer reads the first's state_size outputs
+        assert len(two.mixers) == 2 and extra == sum(p.numel() for p in two.mixers[1].parameters())
+    else:
+        assert len(two.blocks) == 2 and extra == one.num_parameters() - embed_and_head - sum(
+            p.numel() for p in one.norm_out.parameters())
+    tokens = torch.randint(0, settings.vocab_size, (2, 12))
+    assert two(tokens).shape == (2, 12, settings.vocab_size)
+    with pytest.raises(ValueError, match="layers must be at least 1"):
+        build_model("paragru", settings.replace(layers=0))
+
+
 def test_user_cell_through_cell_module(tmp_path):
     out = tmp_path / "r.json"
     # parallel mode: no fused kernel to compile for this cell

@@ -34,9 +34,10 @@ DEFAULT_MODELS = ("paragru", "paralstm", "linear", "transformer")
 _OVERRIDES = {
     "seq_len": int, "train_samples": int, "test_samples": int, "batch_size": int, "steps": int, "lr": float,
     "eval_every": int, "eval_samples": int, "stop_at": float, "data_seed": int, "mode": str,
-    "vocab_size": int, "task_param": int,
+    "vocab_size": int, "task_param": int, "layers": int,
 }
-_OVERRIDE_HELP = {"task_param": "override the preset's task parameter: kappa (mqar), k (khop), n (keepnth)"}
+_OVERRIDE_HELP = {"task_param": "override the preset's task parameter: kappa (mqar), k (khop), n (keepnth)",
+                  "layers": "mixer (+ MLP) blocks stacked (the paper's models: 1)"}
 
 
 class UsageError(Exception):
@@ -103,7 +104,7 @@ def check_args(args, settings: RunSettings):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be at least 1, got {value}")
-    for name in ("train_samples", "test_samples", "batch_size", "steps", "eval_every", "eval_samples"):
+    for name in ("train_samples", "test_samples", "batch_size", "steps", "eval_every", "eval_samples", "layers"):
         if getattr(settings, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
     if settings.mode not in MODES:

@@ -25,6 +25,8 @@ class RunSettings:
     vocab_size: int = 2
     task_param: int = 0
     mixer_only: bool = False
+    #: mixer (+ MLP) blocks; the paper's models have one
+    layers: int = 1
     d_model: int = 64
     state_size: int = 64
     num_heads: int = 4

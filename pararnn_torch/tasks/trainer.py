@@ -37,7 +37,8 @@ def make_data(settings: RunSettings) -> TaskData:
 def build_model(model: str, settings: RunSettings) -> TaskModel:
     task = settings.task_settings
     return TaskModel(model, task.vocab_size, task.num_classes, settings.seq_len, settings.d_model,
-                     settings.state_size, settings.num_heads, settings.mixer_only, settings.mode)
+                     settings.state_size, settings.num_heads, settings.mixer_only, settings.mode,
+                     settings.layers)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:

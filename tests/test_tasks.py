@@ -127,7 +127,9 @@ def test_linear_baseline_is_linear_in_the_state():
 def test_every_task_trains_a_few_steps_and_writes_the_json(task, tmp_path):
     out = tmp_path / f"{task}.json"
     # parity covers the other cells and two seeds; the other tasks one seed of each kind of model
-    models = ["paragru", "linear", "transformer"] if task != "parity" else ["paralstm", "mgu", "linear"]
+    models = ["paragru", "linear", "transformer"] if task != "parity" else ["paralstm", "mgu", "linear", "nn_gru"]
+    if task == "keepnth":
+        models.append("nn_lstm")
     seeds = ["0", "1"] if task == "parity" else ["0"]
     argv = [task, "--preset", "cpu", "--models", *models, "--seeds", *seeds, "--seq-len", "20",
             "--train-samples", "64", "--test-samples", "48", "--eval-samples", "16", "--steps", "4",

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=PRESETS, default="paper",
                    help="paper: the paper's settings (L=100, 10k/100k samples, ...); cpu: finishes on 2 CPU cores")
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS),
-                   help=f"models to train (default: {' '.join(DEFAULT_MODELS)}; also mgu, or a user cell's name)")
+                   help=f"models to train (default: {' '.join(DEFAULT_MODELS)}; also mgu, nn_gru and nn_lstm "
+                        f"(torch.nn's), or a user cell's name)")
     p.add_argument("--cell-module", action="append", default=[],
                    help="module to import that registers a user cell (repeatable)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (init and batch order)")

@@ -27,7 +27,9 @@ from pararnn_torch.tasks.linear_cell import LINEAR_CELL, LinearGatedCell
 #: model name -> the cell of its recurrent mixer (user cells: their registered name)
 _RECURRENT = {"paragru": "gru", "paralstm": "lstm", "mgu": "mgu", "linear": LinearGatedCell}
 _LAYERS = {"gru": ParaGRU, "lstm": ParaLSTM}
-BUILTIN_MODELS = (*_RECURRENT, "transformer")
+#: torch's own cuDNN-style layers (dense recurrence matrix, trained step by step): the classic RNNs as a peer
+_TORCH_RNNS = {"nn_gru": nn.GRU, "nn_lstm": nn.LSTM}
+BUILTIN_MODELS = (*_RECURRENT, *_TORCH_RNNS, "transformer")
 
 
 def known_models() -> list[str]:
@@ -51,9 +53,22 @@ class CausalSelfAttention(nn.Module):
         return self.out(y.transpose(1, 2).flatten(-2))
 
 
+class TorchRNN(nn.Module):
+    """``torch.nn.GRU`` / ``LSTM`` returning the hidden state of every step."""
+
+    def __init__(self, kind: type[nn.RNNBase], d_in: int, state_size: int):
+        super().__init__()
+        self.rnn = kind(d_in, state_size, batch_first=True)
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
 def _mixer(model: str, d_in: int, state_size: int, num_heads: int, mode: str) -> nn.Module:
     if model == "transformer":
         return CausalSelfAttention(d_in, num_heads)
+    if model in _TORCH_RNNS:
+        return TorchRNN(_TORCH_RNNS[model], d_in, state_size)
     cell = _RECURRENT.get(model, model)
     if cell in _LAYERS:
         return _LAYERS[cell](d_in, state_size, num_heads=num_heads, mode=mode)

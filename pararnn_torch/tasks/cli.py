@@ -74,11 +74,9 @@ def settings_from_args(args) -> RunSettings:
     if "lr" in changes:
         changes["model_lr"] = ()  # --lr sets every model's learning rate
     try:
-        settings = settings.replace(**changes) if changes else settings
-        settings.task_settings  # noqa: B018 - checks the task's length, vocabulary and parameter together
+        return settings.replace(**changes) if changes else settings
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return settings
 
 
 def import_cell_modules(modules):

@@ -49,8 +49,12 @@ class RunSettings:
     stop_at: float = 1.0
     data_seed: int = 0
 
+    def __post_init__(self):
+        self.task_settings  # noqa: B018 - a run whose task is ill-defined is refused when it is made
+
     @property
     def task_settings(self) -> TaskSettings:
+        """The task's own settings, checked together (length, vocabulary, parameter)."""
         return TaskSettings(self.task, self.seq_len, self.vocab_size, self.task_param)
 
     def lr_for(self, model: str) -> float:
